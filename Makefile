@@ -1,0 +1,42 @@
+# Two entry points a newcomer needs: `make demo` (install, train, preempt, resume) and `make test`.
+SHELL := /bin/bash
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.*
+
+.PHONY: install demo test test-fast lint bench bench-smoke clean
+
+# CPU machines get the CPU build of torch first (a bare `torch` from PyPI is a multi-GB CUDA build);
+# a machine with an NVIDIA driver gets the default (CUDA) build.
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q torch numpy; \
+	else $(BIN)/pip install -q '$(TORCH_SPEC)' numpy || $(BIN)/pip install -q torch numpy --index-url https://download.pytorch.org/whl/cpu; fi
+
+install: $(BIN)/python
+	$(BIN)/pip install -q -e '.[dev]'
+
+demo: install
+	$(BIN)/python -m kempnerforge.demo
+
+test: install
+	$(BIN)/ruff check kempnerforge launch bench tests
+	$(BIN)/python -m pytest -q tests
+
+test-fast: install
+	$(BIN)/python -m pytest -q tests -m "not slurm and not distributed and not slow"
+
+lint: install
+	$(BIN)/ruff check kempnerforge launch bench tests
+	$(BIN)/ruff format --check kempnerforge launch bench tests
+
+bench: install
+	$(BIN)/python bench/checkpoint_bench.py
+
+bench-smoke: install
+	$(BIN)/python bench/checkpoint_bench.py --smoke
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+from kempnerforge.checkpoint.config import AsyncCheckpointMode, CheckpointConfig  # noqa: F401

@@ -1,0 +1,59 @@
+"""Checkpoint configuration, kept beside the checkpoint code it drives."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class AsyncCheckpointMode(str, enum.Enum):
+    """How a save leaves the training loop.
+
+    ``disabled``: the save is synchronous; ``latest`` is committed before ``save()`` returns.
+    ``async_``: the state is copied to host memory, then written by a background thread.
+    ``async_pinned``: like ``async_`` but stages into pinned host buffers allocated once and
+    reused (on CUDA); on CPU it behaves as ``async_``.
+    """
+
+    disabled = "disabled"
+    async_ = "async"
+    async_pinned = "async_with_pinned_mem"
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = ""  # empty: <output_dir>/checkpoints
+    interval: int = 100  # save every N optimizer steps
+    async_mode: AsyncCheckpointMode = AsyncCheckpointMode.disabled
+    keep_last_n: int = 3  # <= 0 keeps every checkpoint
+    load_path: str | None = None  # explicit checkpoint to resume from (a step dir or a checkpoint dir)
+    exclude_from_loading: list[str] = field(default_factory=list)  # e.g. ["optimizer"]
+    ignore_freeze_mismatch: bool = False
+    dir_mode: int = 0o700  # permissions of directories we create
+    writer_threads: int = 4  # file writer threads per rank for DCP
+    verify_on_load: str = "size"  # "none" | "size" | "full" (checksums)
+    save_timeout_s: float = 600.0  # a save not durable after this long is reported as hung
+
+    def __post_init__(self) -> None:
+        if isinstance(self.async_mode, str) and not isinstance(self.async_mode, AsyncCheckpointMode):
+            try:
+                self.async_mode = AsyncCheckpointMode(self.async_mode)
+            except ValueError:
+                valid = ", ".join(m.value for m in AsyncCheckpointMode)
+                raise ValueError(
+                    f"checkpoint.async_mode={self.async_mode!r} is not a mode; use one of: {valid}"
+                ) from None
+        if not isinstance(self.async_mode, AsyncCheckpointMode):
+            raise ValueError(f"checkpoint.async_mode must be an AsyncCheckpointMode, got {self.async_mode!r}")
+        if self.interval <= 0:
+            raise ValueError(f"checkpoint.interval must be > 0 (steps between saves), got {self.interval}")
+        if self.writer_threads <= 0:
+            raise ValueError(f"checkpoint.writer_threads must be > 0, got {self.writer_threads}")
+        if self.verify_on_load not in ("none", "size", "full"):
+            raise ValueError(
+                f"checkpoint.verify_on_load must be 'none', 'size' or 'full', got {self.verify_on_load!r}"
+            )
+        if not 0 <= self.dir_mode <= 0o777:
+            raise ValueError(f"checkpoint.dir_mode must be a permission mode like 0o700, got {self.dir_mode!r}")
+        if self.save_timeout_s <= 0:
+            raise ValueError(f"checkpoint.save_timeout_s must be > 0, got {self.save_timeout_s}")

@@ -1,0 +1,1 @@
+"""Preemption signals, cross-rank stop agreement, requeue with a loop guard, save watchdog."""
