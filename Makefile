@@ -13,7 +13,7 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q torch numpy; \
-	else $(BIN)/pip install -q '$(TORCH_SPEC)' numpy || $(BIN)/pip install -q torch numpy --index-url https://download.pytorch.org/whl/cpu; fi
+	else $(BIN)/pip install -q '$(TORCH_SPEC)' numpy; fi
 
 install: $(BIN)/python
 	$(BIN)/pip install -q -e '.[dev]'
