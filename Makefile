@@ -5,13 +5,12 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.*
 
-.PHONY: install demo test test-fast lint bench bench-smoke clean
+.PHONY: install demo test test-slow test-fast lint bench bench-smoke clean
 
 # CPU machines get the CPU build of torch first (a bare `torch` from PyPI is a multi-GB CUDA build);
 # a machine with an NVIDIA driver gets the default (CUDA) build.
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q torch numpy; \
 	else $(BIN)/pip install -q '$(TORCH_SPEC)' numpy; fi
 
@@ -24,6 +23,9 @@ demo: install
 test: install
 	$(BIN)/ruff check kempnerforge launch bench tests
 	$(BIN)/python -m pytest -q tests
+
+test-slow: install
+	$(BIN)/python -m pytest -q tests --runslow -m "slow"
 
 test-fast: install
 	$(BIN)/python -m pytest -q tests -m "not slurm and not distributed and not slow"
