@@ -9,6 +9,8 @@ it restores the same trainable set it saved.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,3 +74,83 @@ def canonical_freeze_meta(specs: list[FreezeSpec]) -> list[dict[str, Any]]:
     for s in specs:
         merged[s.module] = bool(s.frozen)
     return [{"module": m, "frozen": merged[m]} for m in sorted(merged)]
+
+
+# --------------------------------------------------------------------------- applying specs
+
+# Aliases name the model's top-level parts (see kempnerforge.model.GPT).
+ALIASES: dict[str, str] = {"embedding": "embedding", "blocks": "blocks", "head": "head", "ln_f": "ln_f"}
+
+
+def resolve_spec(model: Any, module: str) -> list[str]:
+    """Parameter names that ``module`` (an alias or an fnmatch pattern) selects.
+
+    A pattern selects a parameter when it matches the parameter's name or the name of any
+    module that owns it (``blocks.1`` selects ``blocks.1.attn.qkv.weight``; ``blocks.*.mlp``
+    every MLP). Nothing selected is a config error: a typo must not silently train everything.
+    """
+    import fnmatch
+
+    from kempnerforge.config import ConfigError
+
+    pattern = ALIASES.get(module, module)
+    names = [n for n, _ in model.named_parameters()]
+    hits = []
+    for name in names:
+        parts = name.split(".")
+        prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+        if any(fnmatch.fnmatchcase(p, pattern) for p in prefixes):
+            hits.append(name)
+    if not hits:
+        raise ConfigError(
+            f"freeze: {module!r} is not a module alias ({', '.join(sorted(ALIASES))}) and as a "
+            f"pattern matches no parameter of the model (e.g. {names[0]!r}); fix freeze.base / "
+            "freeze.stages"
+        )
+    return hits
+
+
+def validate_freeze(model: Any, config: FreezeConfig) -> None:
+    """Resolve every spec of every stage now, so a bad name fails at start, not at its stage."""
+    for spec in config.base:
+        resolve_spec(model, spec.module)
+    for stage in config.stages:
+        for spec in stage.specs:
+            resolve_spec(model, spec.module)
+
+
+def apply_freeze(model: Any, specs: list[FreezeSpec]) -> int:
+    """Set ``requires_grad`` from ``specs`` (later specs win); returns the trainable count.
+
+    Every parameter starts trainable, so applying the specs in force at a step gives the same
+    result whatever was applied before (a resume and an uninterrupted run agree).
+    """
+    params = dict(model.named_parameters())
+    want = dict.fromkeys(params, True)
+    for spec in specs:
+        for name in resolve_spec(model, spec.module):
+            want[name] = not spec.frozen
+    for name, p in params.items():
+        if p.requires_grad != want[name]:
+            p.requires_grad_(want[name])
+    return sum(p.numel() for n, p in params.items() if want[n])
+
+
+@contextlib.contextmanager
+def all_trainable(model: Any) -> Iterator[None]:
+    """Mark every parameter trainable for the duration, then restore each flag.
+
+    ``torch.distributed.checkpoint.state_dict.set_optimizer_state_dict`` restores optimizer
+    state only for parameters with ``requires_grad``. A module frozen at the checkpoint's step
+    still has AdamW moments from before it was frozen (the optimizer keeps them; the save
+    writes them), and an unfreeze later must continue from those exact moments. Loading under
+    this context restores them too.
+    """
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)

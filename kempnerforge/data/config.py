@@ -1,4 +1,4 @@
-"""Data configuration."""
+"""Data configuration (see ``data/README.md`` for preparing a token file)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ class DataConfig:
     synthetic_tokens: int = 1_000_000  # size of the synthetic corpus
     seed: int = 0  # shuffling seed of the sample order
     shuffle: bool = True
-    num_workers: int = 0
+    num_workers: int = 0  # reserved: samples are read in the training process (memmap slices are cheap)
+    log_samples: bool = False  # debug: append each step's consumed samples to <output_dir>/samples.rank<R>.jsonl
 
     def __post_init__(self) -> None:
         if self.dtype not in ("uint16", "uint32"):

@@ -15,6 +15,10 @@ class ResilienceConfig:
     max_requeues_without_progress: int = 2  # guard: stop requeueing when the committed step stalls
     save_watchdog_s: float = 90.0  # a preemption save that takes longer ends the process
     on_save_error: str = "raise"  # "raise" | "continue": what a failed periodic save does
+    # Testing aid: after optimizer step N (> 0), rank debug_signal_rank (-1: every rank) sends
+    # itself the first of `signals`, so a preemption lands at an exact step through the real handler.
+    debug_signal_step: int = 0
+    debug_signal_rank: int = 0
 
     def __post_init__(self) -> None:
         for name in self.signals:
@@ -30,5 +34,9 @@ class ResilienceConfig:
             )
         if self.save_watchdog_s <= 0:
             raise ValueError(f"resilience.save_watchdog_s must be > 0, got {self.save_watchdog_s}")
+        if self.debug_signal_step < 0 or self.debug_signal_rank < -1:
+            raise ValueError("resilience.debug_signal_step must be >= 0 and debug_signal_rank >= -1")
+        if self.debug_signal_step and not self.signals:
+            raise ValueError("resilience.debug_signal_step needs at least one name in resilience.signals")
         if self.on_save_error not in ("raise", "continue"):
             raise ValueError(f"resilience.on_save_error must be 'raise' or 'continue', got {self.on_save_error!r}")

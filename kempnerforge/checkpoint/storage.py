@@ -1,0 +1,400 @@
+"""The only module that touches the checkpoint filesystem.
+
+Everything here is about making bytes *durable* and names *atomic* on a shared POSIX filesystem:
+write to a temporary name, fsync the file, rename, fsync the directory. A reader that sees a name
+(``step_N``, ``latest``, ``metadata.json``) therefore sees complete content behind it.
+
+It also holds the manifest (relative path -> size + xxh3_64 checksum of every file of a step) and
+its verification, the on-disk layout's names, and the test-only pause hook used by crash tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import xxhash
+
+logger = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------------------------
+# Layout names
+# ---------------------------------------------------------------------------------------------
+METADATA_FILE = "metadata.json"
+DCP_METADATA_FILE = ".metadata"
+TRAIN_STATE_DIR = "train_state"
+LATEST = "latest"
+TRASH_DIR = ".trash"
+TMP_PREFIX = ".tmp_step_"
+FORMAT_NAME = "kempnerforge-checkpoint"
+FORMAT_VERSION = 1
+CHECKSUM_ALGO = "xxh3_64"
+
+_STEP_RE = re.compile(r"^step_(\d+)$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{int(step)}"
+
+
+def parse_step_dir(name: str) -> int | None:
+    """``step_12`` -> 12; anything else (``step_abc``, ``.tmp_step_3``) -> None: not ours."""
+    m = _STEP_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+def train_state_name(rank: int) -> str:
+    return f"{TRAIN_STATE_DIR}/rank_{int(rank):05d}.pt"
+
+
+# ---------------------------------------------------------------------------------------------
+# Test-only pause hook
+# ---------------------------------------------------------------------------------------------
+PAUSE_ENV = "KEMPNERFORGE_CKPT_TEST_PAUSE"
+PAUSE_MARKER_ENV = "KEMPNERFORGE_CKPT_TEST_PAUSE_MARKER"
+
+
+def test_pause(point: str, rank: int) -> None:
+    """Sleep at a named point of the save protocol when a test asks for it.
+
+    ``KEMPNERFORGE_CKPT_TEST_PAUSE="train_state_write=30@0,dcp_written=5"`` pauses rank 0 for 30 s
+    inside its train-state write and every rank for 5 s after DCP wrote its shards. When
+    ``KEMPNERFORGE_CKPT_TEST_PAUSE_MARKER`` names a directory, an empty file ``{point}.{rank}`` is
+    created there when the pause begins, so a test can SIGKILL the process at exactly that point
+    without guessing timings. Points: ``dcp_written`` (async flush: shards on disk, nothing
+    committed), ``train_state_write`` (temp file written, not renamed), ``pre_commit`` (metadata
+    written, step not renamed), ``latest_swap`` (new link made, not renamed over ``latest``),
+    ``retention`` (before pruning). Unset in production: one dict lookup per point.
+    """
+    spec = os.environ.get(PAUSE_ENV)
+    if not spec:
+        return
+    for item in spec.split(","):
+        name, _, rest = item.strip().partition("=")
+        if name != point or not rest:
+            continue
+        secs, _, who = rest.partition("@")
+        if who and int(who) != rank:
+            continue
+        marker_dir = os.environ.get(PAUSE_MARKER_ENV)
+        if marker_dir:
+            Path(marker_dir, f"{point}.{rank}").touch()
+        time.sleep(float(secs))
+
+
+# ---------------------------------------------------------------------------------------------
+# Durability primitives
+# ---------------------------------------------------------------------------------------------
+def fsync_dir(path: str | os.PathLike) -> None:
+    """fsync a directory so the names created/renamed in it survive a crash."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError as e:  # some network filesystems refuse fsync on directories
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_dir(path: str | os.PathLike, mode: int) -> Path:
+    """Create ``path`` (and parents) with ``mode`` regardless of the umask; existing dirs are kept."""
+    p = Path(path)
+    missing = []
+    q = p
+    while not q.exists():
+        missing.append(q)
+        q = q.parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, mode)
+            os.chmod(d, mode)  # mkdir's mode is filtered by the umask
+        except FileExistsError:
+            pass
+    return p
+
+
+def atomic_write_bytes(
+    path: str | os.PathLike, data: bytes, *, pause_point: str | None = None, rank: int = 0
+) -> None:
+    """Write ``data`` to ``path`` so a reader sees either the old file or the complete new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if pause_point:
+        test_pause(pause_point, rank)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, **kw: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), **kw)
+
+
+def atomic_symlink(target: str, link: str | os.PathLike, *, rank: int = 0) -> None:
+    """Point ``link`` at ``target`` (relative) atomically: symlink to a temp name, rename over."""
+    link = Path(link)
+    tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    os.symlink(target, tmp)
+    test_pause("latest_swap", rank)
+    os.replace(tmp, link)
+    fsync_dir(link.parent)
+
+
+_RENAME_EXCHANGE = 2
+_libc: Any = None
+
+
+def _renameat2_exchange(a: str, b: str) -> bool:
+    """Atomically swap two existing paths (Linux renameat2 RENAME_EXCHANGE). False if unsupported."""
+    global _libc
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(None, use_errno=True)
+        fn = _libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    rc = fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(err, f"renameat2(RENAME_EXCHANGE) {a} <-> {b}: {os.strerror(err)}")
+
+
+def commit_dir(tmp: str | os.PathLike, final: str | os.PathLike, trash: str | os.PathLike) -> None:
+    """Rename the finished temp dir ``tmp`` to ``final``; never tears an existing ``final``.
+
+    If ``final`` already exists (the same step saved twice), the two are swapped atomically with
+    ``renameat2(RENAME_EXCHANGE)`` and the old copy goes to ``trash``. Where the filesystem cannot
+    exchange, the old copy is renamed aside first: a crash in that window leaves no ``step_N``
+    (resume falls back to the previous complete step), never a half-written one.
+    """
+    tmp, final = str(tmp), str(final)
+    parent = os.path.dirname(final)
+    if os.path.lexists(final):
+        aside = os.path.join(str(trash), f"{os.path.basename(final)}-{uuid.uuid4().hex[:8]}")
+        make_dir(trash, 0o700)
+        if _renameat2_exchange(tmp, final):
+            os.rename(tmp, aside)
+        else:
+            logger.warning(
+                "filesystem cannot swap directories atomically; replacing %s in two renames", final
+            )
+            os.rename(final, aside)
+            fsync_dir(parent)
+            os.rename(tmp, final)
+    else:
+        os.rename(tmp, final)
+    fsync_dir(parent)
+
+
+def move_to_trash(path: str | os.PathLike, trash: str | os.PathLike) -> Path:
+    """Make ``path`` disappear from its name at once (rename); delete it later off the hot path."""
+    make_dir(trash, 0o700)
+    dest = Path(trash) / f"{Path(path).name}-{uuid.uuid4().hex[:8]}"
+    os.rename(path, dest)
+    return dest
+
+
+def empty_trash(trash: str | os.PathLike) -> None:
+    p = Path(trash)
+    if not p.is_dir():
+        return
+    for child in p.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                child.unlink()
+
+
+# ---------------------------------------------------------------------------------------------
+# Manifest
+# ---------------------------------------------------------------------------------------------
+def checksum_file(path: str | os.PathLike, chunk: int = 8 << 20) -> tuple[int, str]:
+    """(size, xxh3_64 hex) of a file, read in chunks (fast: page cache + ~10 GB/s hashing)."""
+    h = xxhash.xxh3_64()
+    size = 0
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(chunk)
+        mv = memoryview(buf)
+        while True:
+            n = f.readinto(mv)
+            if not n:
+                break
+            h.update(mv[:n])
+            size += n
+    return size, h.hexdigest()
+
+
+def manifest_entries(
+    root: str | os.PathLike, rel_paths: Iterable[str]
+) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for rel in rel_paths:
+        size, digest = checksum_file(Path(root) / rel)
+        out[rel] = {"size": size, CHECKSUM_ALGO: digest}
+    return out
+
+
+def list_files(root: str | os.PathLike) -> list[str]:
+    """Every regular file under ``root`` as a relative POSIX path, temp files of ours excluded."""
+    root = Path(root)
+    out = []
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            if ".tmp-" in f and f.startswith("."):
+                continue
+            out.append((Path(dirpath) / f).relative_to(root).as_posix())
+    return sorted(out)
+
+
+@dataclass
+class Problem:
+    """Why a step directory cannot be trusted; ``file`` names the culprit for the user."""
+
+    file: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.reason}"
+
+
+def read_metadata(step_dir: str | os.PathLike) -> tuple[dict[str, Any] | None, Problem | None]:
+    """metadata.json of a step dir, or the problem that prevents reading it. Never raises."""
+    p = Path(step_dir) / METADATA_FILE
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        return None, Problem(str(p), "missing")
+    except OSError as e:
+        return None, Problem(str(p), f"unreadable ({e.strerror or e})")
+    try:
+        meta = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        return None, Problem(str(p), f"not valid JSON ({e})")
+    if not isinstance(meta, dict):
+        return None, Problem(str(p), "not a JSON object")
+    step = meta.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        return None, Problem(str(p), f"has no valid 'step' (got {step!r})")
+    return meta, None
+
+
+def verify_step_dir(
+    step_dir: str | os.PathLike, level: str = "size", meta: dict[str, Any] | None = None
+) -> list[Problem]:
+    """Check a step dir is complete: metadata.json readable, DCP ``.metadata`` present, and the
+    manifest's files present with their sizes (``level="size"``) and checksums (``"full"``).
+
+    ``level="none"`` checks only metadata.json and ``.metadata``. Checkpoints without a manifest
+    (written by another tool) pass on the first two checks. Returns [] when the dir is good.
+    """
+    root = Path(step_dir)
+    if meta is None:
+        meta, prob = read_metadata(root)
+        if prob is not None:
+            return [prob]
+    manifest = (meta or {}).get("manifest") or {}
+    files: dict[str, Any] = manifest.get("files") or {}
+    if not (root / DCP_METADATA_FILE).exists() and not list(root.glob(f"*/{DCP_METADATA_FILE}")):
+        return [Problem(str(root / DCP_METADATA_FILE), "missing (DCP save did not finish)")]
+    if level == "none":
+        return []
+    problems: list[Problem] = []
+    for rel, entry in sorted(files.items()):
+        f = root / rel
+        if ".." in Path(rel).parts or Path(rel).is_absolute():
+            problems.append(Problem(rel, "manifest path escapes the step directory"))
+            continue
+        try:
+            size = f.stat().st_size
+        except FileNotFoundError:
+            problems.append(Problem(str(f), "missing"))
+            continue
+        if size != entry.get("size"):
+            problems.append(
+                Problem(str(f), f"size {size} != {entry.get('size')} in the manifest (truncated?)")
+            )
+            continue
+        if level == "full":
+            _, digest = checksum_file(f)
+            if digest != entry.get(CHECKSUM_ALGO):
+                problems.append(Problem(str(f), f"{CHECKSUM_ALGO} checksum mismatch (corrupted)"))
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Listing
+# ---------------------------------------------------------------------------------------------
+def list_step_dirs(root: str | os.PathLike) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every ``step_<int>`` directory under ``root``, ascending by step."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    out = []
+    for child in root.iterdir():
+        step = parse_step_dir(child.name)
+        if step is not None and child.is_dir() and not child.is_symlink():
+            out.append((step, child))
+    return sorted(out)
+
+
+def read_latest(root: str | os.PathLike) -> tuple[Path | None, str | None]:
+    """Where ``{root}/latest`` points, if it is a relative link to a direct child of ``root``.
+
+    Returns (path, None) or (None, why-not). A link leaving ``root`` is refused.
+    """
+    link = Path(root) / LATEST
+    if not link.is_symlink():
+        if link.exists():
+            return None, f"{link} is not a symlink"
+        return None, f"{link} does not exist"
+    target = os.readlink(link)
+    if os.path.isabs(target) or "/" in target.strip("/") or target in ("", ".", ".."):
+        return None, f"{link} -> {target!r} points outside {root}; refused"
+    p = Path(root) / target
+    if not p.is_dir():
+        return None, f"{link} -> {target} is dangling"
+    return p, None
+
+
+def commit_time_ns(step_dir: Path, meta: dict[str, Any]) -> int:
+    t = meta.get("saved_at_ns")
+    if isinstance(t, int):
+        return t
+    try:
+        return (step_dir / METADATA_FILE).stat().st_mtime_ns
+    except OSError:
+        return 0

@@ -1,0 +1,471 @@
+"""``kempnerforge ckpt``: look at, check, export and prune checkpoints from a shell.
+
+Everything here reads through the same safe paths as a resume (restricted unpickler for DCP's
+``.metadata``, ``weights_only`` for tensors and train state), so pointing the tool at a
+checkpoint of unknown origin cannot run code. Only ``prune`` writes; it takes the directory's
+job lock first, so it refuses to touch a directory a training job is writing.
+
+Exit codes: 0 success, 1 a check failed (``verify``) or the command failed, 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kempnerforge.checkpoint import storage
+from kempnerforge.checkpoint.safe_unpickle import (
+    CheckpointFormatError,
+    load_dcp_metadata,
+    load_metadata_json,
+)
+
+logger = logging.getLogger(__name__)
+
+STEP_RE = re.compile(r"^step_(\d+)$")
+TMP_STEP_RE = re.compile(r"^\.tmp_step_(\d+)(?:[-.].*)?$")
+LATEST = "latest"
+TRASH = ".trash"
+TRAIN_STATE_DIR = "train_state"
+
+
+class CliError(Exception):
+    """A user-facing failure: printed without a traceback, exit code 1."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout
+
+
+@dataclass
+class StepEntry:
+    """One checkpoint directory (committed ``step_N`` or interrupted ``.tmp_step_N``)."""
+
+    path: Path
+    step: int
+    committed: bool
+    problem: str = ""  # why it is not usable, for an incomplete or broken one
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def commit_time(self) -> float:
+        """Unix time of the commit (recency, not step number, orders checkpoints)."""
+        return storage.commit_time_ns(self.path, self.meta) / 1e9 if self.committed else \
+            self.path.stat().st_mtime
+
+
+def _dir_size(path: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, f)).st_size
+    return total
+
+
+def _latest_target(root: Path) -> Path | None:
+    """Where ``root/latest`` points, if it is a link to a directory inside ``root``."""
+    link = root / LATEST
+    if not link.is_symlink():
+        return None
+    target, why = storage.read_latest(root)
+    if target is None:
+        if why and "outside" in why:
+            raise CliError(
+                f"{why}. Remove the link; auto-resume picks the newest complete checkpoint."
+            )
+        return None
+    return target.resolve()
+
+
+def _classify(path: Path, step: int, committed_name: bool) -> StepEntry:
+    entry = StepEntry(path=path, step=step, committed=False)
+    if not committed_name:
+        entry.problem = "interrupted save (never committed)"
+        return entry
+    try:
+        entry.meta = load_metadata_json(path)
+    except CheckpointFormatError as e:
+        entry.problem = str(e)
+        return entry
+    if not (path / ".metadata").is_file():
+        entry.problem = f"{path / '.metadata'} missing"
+        return entry
+    entry.committed = True
+    return entry
+
+
+def scan(root: Path) -> list[StepEntry]:
+    """Every checkpoint under ``root``, oldest step first."""
+    if not root.is_dir():
+        raise CliError(f"{root}: not a directory")
+    entries = []
+    for child in root.iterdir():
+        if child.is_symlink() or not child.is_dir():
+            continue
+        if m := STEP_RE.match(child.name):
+            entries.append(_classify(child, int(m.group(1)), True))
+        elif m := TMP_STEP_RE.match(child.name):
+            entries.append(_classify(child, int(m.group(1)), False))
+    entries.sort(key=lambda e: (e.step, e.committed))
+    return entries
+
+
+def _resolve_step_dir(path: Path) -> Path:
+    """A step directory from PATH: the step itself, or a checkpoint root (its ``latest``)."""
+    if (path / "metadata.json").exists() or (path / ".metadata").exists():
+        return path
+    if path.is_dir():
+        target = _latest_target(path)
+        if target is not None:
+            return target
+        committed = [e for e in scan(path) if e.committed]
+        if committed:
+            return max(committed, key=lambda e: e.commit_time).path
+        raise CliError(f"{path}: no committed checkpoint in this directory")
+    raise CliError(f"{path}: no such checkpoint (expected a step_N directory or a checkpoint dir)")
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _human_age(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+# ---------------------------------------------------------------------------------------------
+# Verification
+
+
+def verify_step(step_dir: Path, checksums: bool = True) -> list[str]:
+    """Every problem found in one checkpoint (empty list: it is complete and intact).
+
+    On top of the manifest check of :func:`storage.verify_step_dir` (sizes, xxh3_64 checksums),
+    this reads DCP's ``.metadata`` through the restricted unpickler, checks that every shard it
+    references is long enough, and that each rank's train state is there.
+    """
+    problems: list[str] = []
+    try:
+        meta = load_metadata_json(step_dir)
+    except CheckpointFormatError as e:
+        return [str(e)]
+    problems += [str(p) for p in storage.verify_step_dir(step_dir, "full" if checksums else "size", meta)]
+    if not (meta.get("manifest") or {}).get("files"):
+        problems.append(f"{step_dir / 'metadata.json'}: no manifest; file checksums cannot be checked")
+    try:
+        md = load_dcp_metadata(step_dir)
+    except CheckpointFormatError as e:
+        problems.append(str(e))
+        md = None
+    if md is not None and md.storage_data:
+        need: dict[str, int] = {}
+        for info in md.storage_data.values():
+            rel = str(info.relative_path)
+            need[rel] = max(need.get(rel, 0), int(info.offset) + int(info.length))
+        for rel, end in sorted(need.items()):
+            f = step_dir / rel
+            if not f.is_file():
+                problems.append(f"{f}: missing (DCP metadata references it)")
+            elif f.stat().st_size < end:
+                problems.append(f"{f}: truncated ({f.stat().st_size} bytes, DCP needs {end})")
+    world = meta.get("world_size")
+    if isinstance(world, int):
+        for r in range(world):
+            f = step_dir / storage.train_state_name(r)
+            if not f.is_file():
+                problems.append(f"{f}: missing (saved with world size {world})")
+    return sorted(set(problems), key=problems.index)
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    root = Path(args.dir)
+    entries = scan(root)
+    latest = _latest_target(root)
+    if not entries:
+        print(f"{root}: no checkpoints")
+        return 0
+    now = time.time()
+    rows = [("STEP", "STATUS", "SIZE", "AGE", "TOKENS", "LATEST", "PATH")]
+    for e in entries:
+        status = "committed" if e.committed else "incomplete"
+        tokens = e.meta.get("tokens_seen", "")
+        is_latest = "*" if latest is not None and e.path.resolve() == latest else ""
+        age = now - (e.commit_time if e.committed else e.path.stat().st_mtime)
+        rows.append((str(e.step), status, _human_bytes(_dir_size(e.path)), _human_age(age),
+                     str(tokens), is_latest, e.path.name))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    if latest is None and (root / LATEST).exists() is False and (root / LATEST).is_symlink():
+        print(f"note: {root / LATEST} is dangling")
+    for e in entries:
+        if e.problem and STEP_RE.match(e.path.name):
+            print(f"note: {e.path.name}: {e.problem}")
+    trash = root / TRASH
+    if trash.is_dir() and any(trash.iterdir()):
+        print(f"note: {trash} holds {len(list(trash.iterdir()))} retired checkpoint(s) pending deletion")
+    return 0
+
+
+def _describe_keys(md: Any, prefix: str | None) -> list[tuple[str, str, str]]:
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    rows = []
+    for key, value in sorted(md.state_dict_metadata.items()):
+        if prefix and not key.startswith(prefix):
+            continue
+        if isinstance(value, TensorStorageMetadata):
+            dtype = str(value.properties.dtype).removeprefix("torch.")
+            rows.append((key, "x".join(map(str, value.size)) or "scalar", dtype))
+        else:
+            rows.append((key, "-", "bytes"))
+    return rows
+
+
+def _saved_world_size(md: Any, meta: dict) -> int | None:
+    if isinstance(meta.get("world_size"), int):
+        return meta["world_size"]
+    ranks = set()
+    for info in (md.storage_data or {}).values():
+        m = re.match(r"^__(\d+)_", str(info.relative_path))
+        if m:
+            ranks.add(int(m.group(1)))
+    return len(ranks) or None
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    step_dir = _resolve_step_dir(Path(args.path))
+    meta = load_metadata_json(step_dir)
+    md = load_dcp_metadata(step_dir)
+    print(f"checkpoint: {step_dir}")
+    shown = {k: v for k, v in meta.items() if k != "manifest"}
+    for k, v in shown.items():
+        print(f"  {k}: {v}")
+    print(f"  world size at save: {_saved_world_size(md, meta)}")
+    manifest = (meta.get("manifest") or {}).get("files") or {}
+    print(f"  files in manifest: {len(manifest)}  ({_human_bytes(_dir_size(step_dir))} on disk)")
+    prefix = None if args.all else "model."
+    rows = _describe_keys(md, prefix)
+    n_params = 0
+    for _key, shape, _dtype in rows:
+        if shape not in ("-", "scalar"):
+            n = 1
+            for d in shape.split("x"):
+                n *= int(d)
+            n_params += n
+    title = "all keys" if args.all else "model keys (--all for optimizer and the rest)"
+    print(f"{title}: {len(rows)} tensors/values, {n_params:,} elements")
+    w = max([len(r[0]) for r in rows] + [3])
+    for key, shape, dtype in rows:
+        print(f"  {key.ljust(w)}  {shape:>14}  {dtype}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    path = Path(args.path)
+    if not path.is_dir():
+        raise CliError(f"{path}: no such checkpoint directory")
+    if path.is_dir() and not (path / "metadata.json").exists() and not (path / ".metadata").exists():
+        entries = scan(path)
+        if not entries:
+            raise CliError(f"{path}: no checkpoints to verify")
+        targets = [e.path for e in entries if STEP_RE.match(e.path.name)]
+        incomplete = [e for e in entries if not STEP_RE.match(e.path.name)]
+        for e in incomplete:
+            print(f"SKIP  {e.path.name}: {e.problem}")
+    else:
+        targets = [path]
+    bad = 0
+    for step_dir in targets:
+        problems = verify_step(step_dir, checksums=not args.quick)
+        if problems:
+            bad += 1
+            print(f"FAIL  {step_dir}")
+            for p in problems:
+                print(f"      {p}")
+        else:
+            print(f"OK    {step_dir}")
+    return 1 if bad else 0
+
+
+def load_full_model_state(step_dir: Path, key: str = "model") -> dict[str, torch.Tensor]:
+    """The full (unsharded) tensors under ``key`` of a DCP checkpoint, in this process.
+
+    No process group is needed: DCP's no-dist load into a state dict rebuilt from the metadata
+    gathers every shard written by every rank.
+    """
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    from kempnerforge.checkpoint.safe_unpickle import (
+        SafeEmptyStateDictLoadPlanner,
+        SafeFileSystemReader,
+    )
+
+    md = load_dcp_metadata(step_dir)
+    keys = {k for k in md.state_dict_metadata if k == key or k.startswith(key + ".")}
+    if not keys:
+        top = sorted({k.split(".", 1)[0] for k in md.state_dict_metadata})
+        raise CliError(f"{step_dir}: no '{key}' entries in this checkpoint (top-level keys: {top})")
+    sd: dict[str, Any] = {}
+    _load_state_dict(
+        sd,
+        storage_reader=SafeFileSystemReader(str(step_dir)),
+        planner=SafeEmptyStateDictLoadPlanner(keys=keys),
+        no_dist=True,
+    )
+    out: dict[str, torch.Tensor] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(node, torch.Tensor):
+            out[prefix] = node
+
+    walk("", sd.get(key, {}))
+    return out
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    step_dir = _resolve_step_dir(Path(args.path))
+    problems = [] if args.no_verify else verify_step(step_dir)
+    if problems:
+        raise CliError(f"{step_dir} failed verification, not exporting:\n  " + "\n  ".join(problems))
+    tensors = load_full_model_state(step_dir, args.key)
+    dest = Path(args.to)
+    if dest.exists() and not args.force:
+        raise CliError(f"{dest} exists; pass --force to overwrite")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    if dest.suffix == ".safetensors":
+        try:
+            from safetensors.torch import save_file
+        except ImportError:
+            raise CliError("export to .safetensors needs the safetensors package: "
+                           "pip install 'kempnerforge[export]'") from None
+        meta = load_metadata_json(step_dir)
+        save_file(tensors, str(tmp), metadata={"step": str(meta.get("step")), "format": "pt"})
+    elif dest.suffix in (".pt", ".pth", ".bin"):
+        torch.save(tensors, tmp)
+    else:
+        raise CliError(f"--to {dest}: use a .safetensors or .pt file name")
+    os.replace(tmp, dest)
+    n = sum(t.numel() for t in tensors.values())
+    print(f"exported {len(tensors)} tensors ({n:,} elements) from {step_dir} to {dest}")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from kempnerforge.checkpoint.lock import acquire_job_lock
+
+    root = Path(args.dir)
+    if args.keep < 1:
+        raise CliError(f"--keep must be >= 1, got {args.keep}")
+    entries = scan(root)
+    latest = _latest_target(root)
+    committed = sorted((e for e in entries if e.committed), key=lambda e: e.commit_time, reverse=True)
+    keep = {e.path for e in committed[: args.keep]}
+    doomed = [e for e in committed[args.keep:] if latest is None or e.path.resolve() != latest]
+    if args.incomplete:
+        doomed += [e for e in entries if not e.committed]
+    if not doomed:
+        print(f"nothing to prune in {root} ({len(keep)} committed kept)")
+        return 0
+    if args.dry_run:
+        for e in doomed:
+            print(f"would remove {e.path.name}")
+        return 0
+    # A writer: refuse while a training job holds the directory.
+    with acquire_job_lock(root, job_id=f"cli-prune:{os.getpid()}", wait_s=0.5):
+        trash = root / TRASH
+        trash.mkdir(exist_ok=True, mode=0o700)
+        for e in doomed:
+            dest = trash / f"{e.path.name}.{time.time_ns()}"
+            os.replace(e.path, dest)
+            shutil.rmtree(dest, ignore_errors=True)
+            print(f"removed {e.path.name}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kempnerforge", description="KempnerForge tools")
+    sub = p.add_subparsers(dest="group", required=True)
+    ck = sub.add_parser("ckpt", help="inspect and manage checkpoints")
+    cs = ck.add_subparsers(dest="cmd", required=True)
+
+    s = cs.add_parser("ls", help="list checkpoints in a checkpoint directory")
+    s.add_argument("dir")
+    s.set_defaults(func=cmd_ls)
+
+    s = cs.add_parser("inspect", help="metadata, keys, shapes, dtypes of one checkpoint")
+    s.add_argument("path", help="a step_N directory, or a checkpoint dir (its latest)")
+    s.add_argument("--all", action="store_true", help="show optimizer and other keys too")
+    s.set_defaults(func=cmd_inspect)
+
+    s = cs.add_parser("verify", help="check completeness and checksums; exit 1 on a problem")
+    s.add_argument("path", help="a step_N directory, or a checkpoint dir (every step in it)")
+    s.add_argument("--quick", action="store_true", help="sizes only, skip checksums")
+    s.set_defaults(func=cmd_verify)
+
+    s = cs.add_parser("export", help="write full (unsharded) model weights to one file")
+    s.add_argument("path", help="a step_N directory, or a checkpoint dir (its latest)")
+    s.add_argument("--to", required=True, help="out.safetensors or out.pt")
+    s.add_argument("--key", default="model", help="top-level state key to export (default: model)")
+    s.add_argument("--force", action="store_true", help="overwrite --to if it exists")
+    s.add_argument("--no-verify", action="store_true", help="skip checksum verification first")
+    s.set_defaults(func=cmd_export)
+
+    s = cs.add_parser("prune", help="keep the newest N committed checkpoints (never latest's)")
+    s.add_argument("dir")
+    s.add_argument("--keep", type=int, required=True)
+    s.add_argument("--incomplete", action="store_true", help="also remove interrupted saves")
+    s.add_argument("--dry-run", action="store_true")
+    s.set_defaults(func=cmd_prune)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (CliError, CheckpointFormatError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        from kempnerforge.checkpoint.lock import CheckpointDirLockedError
+
+        if isinstance(e, CheckpointDirLockedError):
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

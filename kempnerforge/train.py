@@ -1,0 +1,317 @@
+"""Train a GPT: ``python -m kempnerforge.train --config configs/debug.yaml [key=value ...] [--quiet]``.
+
+The loop reads top to bottom:
+
+1. config, signal handlers, process group (threads set from the config, not the launcher);
+2. model (deterministic init), optimizer, LR schedule, checkpoint manager;
+3. resume, in this exact order: ``peek_saved_step()`` -> freeze list in force at that step ->
+   ``apply_freeze`` -> ``load(vlm_freeze_expected=...)`` -> dataloader ->
+   ``apply_dataloader_state()``;
+4. steps: freeze transition (after ``flush_pending_save()``), forward/backward over
+   micro-batches, clip, AdamW, schedule; one all-reduce carries the loss *and* the stop flag;
+   rank 0 appends the metrics line; periodic save;
+5. on a preemption signal: every rank stops after the same step, saves it once, makes it
+   durable (``flush_pending_save()`` + ``wait()``), rank 0 requeues under SLURM, and every
+   rank exits with ``resilience.exit_code`` (75).
+
+Step numbers count completed optimizer steps, from 1. See docs/training.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from kempnerforge import distributed
+from kempnerforge.checkpoint import CheckpointManager
+from kempnerforge.config import ConfigError, JobConfig, load_config
+from kempnerforge.data import GlobalSampler, StepLoader, build_dataset
+from kempnerforge.freeze import (
+    FreezeSpec,
+    all_trainable,
+    apply_freeze,
+    canonical_freeze_meta,
+    effective_freeze,
+    validate_freeze,
+)
+from kempnerforge.model import GPT, num_parameters
+from kempnerforge.optim import WarmupCosineSchedule, build_optimizer
+from kempnerforge.resilience.agree import reduce_loss_and_stop
+from kempnerforge.resilience.signals import PreemptionFlag
+from kempnerforge.resilience.watchdog import SaveWatchdog
+
+logger = logging.getLogger("kempnerforge.train")
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m kempnerforge.train", description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True, help="YAML config, e.g. configs/debug.yaml")
+    p.add_argument("--quiet", action="store_true", help="no progress lines (same as train.quiet=true)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=50")
+    return p.parse_intermixed_args(argv)
+
+
+def setup_logging(rank: int, quiet: bool) -> None:
+    level = logging.INFO if rank == 0 and not quiet else logging.WARNING
+    fmt = "%(asctime)s %(message)s" if rank == 0 else f"%(asctime)s [rank {rank}] %(message)s"
+    logging.basicConfig(level=level, format=fmt, datefmt="%H:%M:%S", stream=sys.stderr, force=True)
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    """Seeds for anything stochastic in the step (dropout); the checkpoint restores them on resume."""
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+    torch.manual_seed(seed + rank)
+
+
+def open_metrics(path: Path) -> IO[str]:
+    """Open metrics.jsonl for appending, dropping a torn last line left by a SIGKILL."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and path.stat().st_size > 0:
+        with open(path, "rb+") as f:
+            data = f.read()
+            if not data.endswith(b"\n"):
+                f.truncate(data.rfind(b"\n") + 1)
+    return open(path, "a", encoding="utf-8")
+
+
+def fmt_eta(seconds: float) -> str:
+    s = int(max(0.0, seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def requeue_and_exit_code(cfg: JobConfig, committed_step: int | None) -> int:
+    """Rank 0: ask for a requeue (SLURM) / a restart (local launcher) through the loop guard.
+
+    Returns this rank's exit code: ``resilience.exit_code`` (75) when the job will run again or
+    requeueing is off, a different code when the guard refused (see resilience.requeue).
+    """
+    try:
+        from kempnerforge.resilience.requeue import exit_code_after_preemption, maybe_requeue
+    except ImportError:  # requeue support not installed: behave as outside SLURM
+        logger.warning("kempnerforge.resilience.requeue is not available; not requeueing")
+        return cfg.resilience.exit_code
+    requeued = bool(maybe_requeue(cfg.resilience, cfg.checkpoint.dir, committed_step))
+    logger.warning("requeue: %s", "granted" if requeued else "not granted")
+    return exit_code_after_preemption(cfg.resilience, requeued)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def train(cfg: JobConfig, info: distributed.WorldInfo, device: torch.device, flag: PreemptionFlag) -> int:
+    """Run to ``train.max_steps`` (returns 0) or to a preemption stop (returns the exit code)."""
+    with contextlib.ExitStack() as cleanup:
+        return _train(cfg, info, device, flag, cleanup)
+
+
+def _train(
+    cfg: JobConfig, info: distributed.WorldInfo, device: torch.device, flag: PreemptionFlag,
+    cleanup: contextlib.ExitStack,
+) -> int:
+    rank, world = info.rank, info.world_size
+    out_dir = Path(cfg.output_dir)
+    gbs, seq_len = cfg.train.global_batch_size, cfg.model.seq_len
+    seed_everything(cfg.train.seed, rank)
+
+    # -- model, optimizer, schedule, checkpoints ---------------------------------------------
+    raw = GPT(cfg.model, seed=cfg.train.seed).to(device)
+    validate_freeze(raw, cfg.freeze)
+    mode = distributed.parallel_mode(cfg.distributed, world)
+    if mode == "fsdp":
+        distributed.wrap_model(raw, "fsdp", device)  # in place: names and params become sharded
+    optimizer = build_optimizer(raw, cfg.optim)
+    scheduler = WarmupCosineSchedule(optimizer, cfg.optim, cfg.train.max_steps)
+    ckpt = CheckpointManager(cfg.checkpoint, raw, optimizer)
+    cleanup.callback(ckpt.close)  # drains a save in flight, stops its threads
+    logger.info(
+        "model: %.2fM params, %d layers, d_model %d | world %d (%s, %s) | %s",
+        num_parameters(raw) / 1e6, cfg.model.n_layer, cfg.model.d_model, world, mode,
+        info.launcher, device,
+    )
+
+    # -- resume, in the contract's order --------------------------------------------------------
+    saved = ckpt.peek_saved_step()
+    step, tokens_seen = 0, 0
+    # Freeze "in force at step s" is what step s trained with: effective_freeze(s - 1).
+    in_force: list[FreezeSpec] = effective_freeze(cfg.freeze, max((saved or 0) - 1, 0))
+    apply_freeze(raw, in_force)
+    if saved is not None:
+        # checkpoint.exclude_from_loading applies only to foreign checkpoints (load_path); the
+        # manager never applies it to this run's own resume, which must be exact.
+        with all_trainable(raw):  # restore the moments of frozen modules too (see freeze.py)
+            step, tokens_seen, _extra = ckpt.load(
+                scheduler=scheduler,
+                vlm_freeze_expected=canonical_freeze_meta(in_force),
+            )
+        if step != saved:
+            raise RuntimeError(f"checkpoint metadata said step {saved} but load() restored step {step}")
+        logger.info("resumed from step %d (%d tokens seen) in %s", step, tokens_seen, cfg.checkpoint.dir)
+    model = distributed.wrap_model(raw, "ddp", device) if mode == "ddp" else raw
+
+    dataset = build_dataset(cfg.data, seq_len, cfg.model.vocab_size)
+    sampler = GlobalSampler(len(dataset), gbs, rank, world, cfg.data.seed, cfg.data.shuffle)
+    loader = StepLoader(dataset, sampler, cfg.train.micro_batch_size)
+    ckpt.apply_dataloader_state(loader)
+    if sampler.position != step * gbs:
+        logger.warning(
+            "data position %d is not step %d x global_batch_size %d (batch size changed?); "
+            "continuing from the saved position", sampler.position, step, gbs,
+        )
+
+    metrics = cleanup.enter_context(open_metrics(out_dir / "metrics.jsonl")) if rank == 0 else None
+    samples_log = None
+    if cfg.data.log_samples:  # debug: which global samples this rank consumed, per step
+        out_dir.mkdir(parents=True, exist_ok=True)
+        samples_log = cleanup.enter_context(open(out_dir / f"samples.rank{rank}.jsonl", "a", encoding="utf-8"))
+    autocast = torch.autocast(
+        device.type, dtype=torch.bfloat16, enabled=cfg.model.compute_dtype == "bfloat16"
+    )
+
+    def save(at_step: int) -> None:
+        if metrics is not None:  # the step's line is durable before its checkpoint commits
+            metrics.flush()
+            os.fsync(metrics.fileno())
+        t = time.perf_counter()
+        try:
+            ckpt.save(
+                at_step, tokens_seen=tokens_seen, scheduler=scheduler, dataloader=loader,
+                extra={"vlm_freeze": canonical_freeze_meta(in_force)},
+            )
+        except BaseException as e:  # DCP's CheckpointException is a BaseException
+            if isinstance(e, (KeyboardInterrupt, SystemExit)) or cfg.resilience.on_save_error == "raise":
+                raise
+            logger.error("checkpoint of step %d failed (%s); continuing (on_save_error=continue)", at_step, e)
+            return
+        logger.info("checkpoint step %d: save() blocked the loop %.3fs", at_step, time.perf_counter() - t)
+
+    # -- the loop ---------------------------------------------------------------------------------
+    max_steps = cfg.train.max_steps
+    t_start = time.perf_counter()
+    t_log, step_log, first_step = t_start, step, step
+    stop = False
+    while step < max_steps:
+        want = effective_freeze(cfg.freeze, step)
+        if canonical_freeze_meta(want) != canonical_freeze_meta(in_force):
+            ckpt.flush_pending_save()  # the previous save records the old freeze list
+            in_force = want
+            n = apply_freeze(raw, in_force)
+            if mode == "ddp":  # DDP registers trainable params at construction
+                model = distributed.wrap_model(raw, "ddp", device)
+            logger.info("freeze stage at step %d: %s (%d trainable params)",
+                        step + 1, canonical_freeze_meta(in_force), n)
+
+        model.train()
+        micro = loader.next_step(device)
+        loss_sum = torch.zeros((), device=device)
+        for x, y in micro:
+            with autocast:
+                loss = model(x, y)
+            (loss / len(micro)).backward()
+            loss_sum += loss.detach()
+        if cfg.optim.grad_clip > 0:
+            grads = [p for p in raw.parameters() if p.grad is not None]
+            if grads:
+                torch.nn.utils.clip_grad_norm_(grads, cfg.optim.grad_clip)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        step += 1
+        tokens_seen += gbs * seq_len
+        res = cfg.resilience
+        if step == res.debug_signal_step and res.debug_signal_rank in (-1, rank):
+            os.kill(os.getpid(), getattr(signal, res.signals[0]))  # testing aid, see config
+
+        # One collective: the mean loss for the log and "did any rank get a signal?".
+        loss_mean, stop = reduce_loss_and_stop(loss_sum / len(micro), flag.requested)
+        if metrics is not None:
+            metrics.write(json.dumps(
+                {"step": step, "loss": loss_mean, "lr": lr, "tokens_seen": tokens_seen}) + "\n")
+            metrics.flush()
+        if samples_log is not None:
+            samples_log.write(json.dumps(
+                {"step": step, "samples": loader.last_numbers, "indices": loader.last_indices}) + "\n")
+            samples_log.flush()
+        if step % cfg.train.log_interval == 0 or step == max_steps:
+            now = time.perf_counter()
+            tps = (step - step_log) * gbs * seq_len / max(now - t_log, 1e-9)
+            eta = (now - t_start) / max(step - first_step, 1) * (max_steps - step)
+            logger.info("step %d/%d | loss %.4f | lr %.3e | %.0f tok/s | ETA %s",
+                        step, max_steps, loss_mean, lr, tps, fmt_eta(eta))
+            t_log, step_log = now, step
+
+        periodic = step % cfg.checkpoint.interval == 0 or step == max_steps
+        if stop and step < max_steps:
+            break  # the preemption path below saves this step (once)
+        if periodic:
+            save(step)
+        if stop:  # signal during the last step: its checkpoint is the final one
+            break
+
+    if not stop or step >= max_steps:
+        ckpt.wait()
+        logger.info("done: %d steps", step)
+        return 0
+
+    # -- preemption: save exactly this step, make it durable, requeue, exit 75 --------------------
+    logger.warning("stop requested (%s); saving step %d and exiting with %d",
+                   flag.signal_name or "a signal on another rank", step, cfg.resilience.exit_code)
+    with SaveWatchdog(cfg.resilience.save_watchdog_s, f"preemption save of step {step}",
+                      cfg.resilience.exit_code):
+        t = time.perf_counter()
+        save(step)
+        ckpt.flush_pending_save()
+        ckpt.wait()
+        logger.warning("checkpoint step %d durable after %.3fs", step, time.perf_counter() - t)
+    code = cfg.resilience.exit_code
+    if rank == 0:
+        code = requeue_and_exit_code(cfg, step)
+    if dist.is_initialized():
+        dist.barrier()  # rank 0 requeues before any task exits non-zero
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if args.quiet:
+        cfg.train.quiet = True
+    flag = PreemptionFlag().install(cfg.resilience.signals)  # before anything slow: never miss one
+    info, device = distributed.setup(cfg.distributed)
+    setup_logging(info.rank, cfg.train.quiet)
+    code = 1
+    try:
+        code = train(cfg, info, device, flag)
+    except ConfigError as e:
+        logger.error("config error: %s", e)
+        code = 2
+    finally:
+        with contextlib.suppress(Exception):
+            distributed.shutdown()
+        flag.uninstall()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""The checkpoint benchmark's CI-sized run produces every figure the performance issue asks for.
+
+Runs ``bench/checkpoint_bench.py --smoke`` for real (real saves with the real CheckpointManager,
+real DCP baselines, real child processes for resume and preemption, on ``tmp_path``) and checks
+the JSON it writes. No timing thresholds: speed is judged by the full benchmark, not by CI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_bench_smoke_writes_all_figures(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "checkpoint_bench.py"),
+            "--smoke",
+            "--out",
+            str(out),
+            "--dir",
+            str(tmp_path / "fs"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+
+    fl = res["floors"]
+    assert fl["memcpy_gbps"] > 0 and fl["read_gbps"] > 0
+    assert set(fl["write_fsync_gbps_by_threads"]) == {"1", "4", "8"}
+    assert fl["write_fsync_gbps"] == max(fl["write_fsync_gbps_by_threads"].values())
+
+    assert [r["name"] for r in res["sizes"]] == ["tiny-1m", "tiny-3m"]
+    for row in res["sizes"]:
+        f = row["figures"]
+        assert row["state_bytes"] > 0 and not row["skipped"], row["skipped"]
+        for key in ("ours_blocked_s", "ours_durable_s", "block_ratio", "durable_ratio"):
+            assert isinstance(f[key], float) and f[key] > 0, (key, f)
+        assert f["latest_ok"] is True
+        assert isinstance(f["later_saves_reuse_host_memory"], bool)
+        assert f["manager_new_host_bytes_later"] == 0, "staging buffers must be reused"
+        for name in ("torch_save", "dcp_sync", "dcp_async"):
+            assert f[f"{name}_durable_s"] >= f[f"{name}_blocked_s"] > 0, (name, f)
+    last = res["sizes"][-1]["figures"]
+    assert last["resume_s"] > 0 and last["resume_ratio"] > 0
+
+    tp = res["throughput"]
+    assert tp["throughput_ratio"] > 0 and tp["steps_per_arm"] > 0
+    pe = res["preemption"]
+    assert pe["exit_code_ok"] is True and pe["latest_ok"] is True, pe
+    assert pe["signal_to_exit_s"] > 0 and pe["budget_s"] > 0
+
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert "ratio (target)" in proc.stdout
+    # the benchmark cleans up after itself on the checkpoint filesystem
+    assert not any((tmp_path / "fs").rglob("*.distcp"))
