@@ -74,7 +74,9 @@ def dcp_async(model: torch.nn.Module, opt: torch.optim.Optimizer, root: Path) ->
 BASELINES = {"torch_save": torch_save, "dcp_sync": dcp_sync, "dcp_async": dcp_async}
 
 
-def run(name: str, model: torch.nn.Module, opt: torch.optim.Optimizer, root: Path) -> dict[str, object]:
+def run(
+    name: str, model: torch.nn.Module, opt: torch.optim.Optimizer, root: Path
+) -> dict[str, object]:
     """Run one baseline; a failure is recorded (with its message), never fatal to the benchmark."""
     try:
         return BASELINES[name](model, opt, root)

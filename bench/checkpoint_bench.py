@@ -41,18 +41,22 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import baselines
-import floors
-import gpt
-import ours
-import preempt
-from measure import files_under, remove
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(1, str(HERE.parent))  # a plain checkout works without `pip install -e .`
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (str(HERE.parent), os.environ.get("PYTHONPATH")) if p
+)
+import baselines  # noqa: E402
+import floors  # noqa: E402
+import gpt  # noqa: E402
+import ours  # noqa: E402
+import preempt  # noqa: E402
+from measure import files_under, remove  # noqa: E402
 
 logger = logging.getLogger("checkpoint_bench")
 
 GB = 1e9
-HERE = Path(__file__).resolve().parent
 
 CPU_SIZES = [
     gpt.GPTSize("gpt-5m", 256, 4, 8192, 128),
@@ -240,7 +244,9 @@ def measure_throughput(
     ckpt = root / "throughput"
     remove(ckpt)
     mgr = CheckpointManager(
-        CheckpointConfig(dir=str(ckpt), interval=interval, async_mode=mode, keep_last_n=2), model, opt
+        CheckpointConfig(dir=str(ckpt), interval=interval, async_mode=mode, keep_last_n=1),
+        model,
+        opt,
     )
     nones, saves = [], []
     for _ in range(reps):
@@ -287,7 +293,8 @@ def run_size(
     result["sizes"].append(row)
     t_build = time.perf_counter()
     model, opt = gpt.build(size, device)
-    gpt.train_step(model, opt, gpt.make_batch(size, 1, min(64, size.seq_len), device))  # AdamW state
+    batch = gpt.make_batch(size, 1, min(64, size.seq_len), device)
+    gpt.train_step(model, opt, batch)  # creates the AdamW state
     if device.type == "cuda":
         torch.cuda.synchronize()
     row["build_s"] = time.perf_counter() - t_build
@@ -313,6 +320,35 @@ def run_size(
             row["ours"][mode] = {"error": f"{type(e).__name__}: {e}"[:800]}
         write_json(result, args.out)
 
+    ours_dir = next(
+        (Path(o["ckpt_dir"]) for o in row["ours"].values() if "ckpt_dir" in o and "error" not in o),
+        None,
+    )
+    if "resume" not in args.skip and ours_dir is not None and size.name in args.resume_sizes:
+        if budget.allows(nbytes / (fl["read_gbps"] * GB) * 2 + 2 * row["build_s"] + 40):
+            try:
+                row["resume"] = measure_resume(
+                    size,
+                    device,
+                    ours_dir,
+                    1,
+                    min(64, size.seq_len),
+                    timeout=max(min(budget.left(), 1800), 60),
+                )
+            except Exception as e:
+                logger.exception("resume failed")
+                row["resume"] = {"error": f"{type(e).__name__}: {e}"[:800]}
+            logger.info(
+                "resume: %s",
+                {k: v for k, v in row["resume"].items() if k not in ("fresh", "resume")},
+            )
+        else:
+            row["skipped"].append("resume")
+    for o in row["ours"].values():  # free the disk before the baselines write theirs
+        if "ckpt_dir" in o:
+            remove(Path(o["ckpt_dir"]))
+    write_json(result, args.out)
+
     row["baselines"] = {}
     if "baselines" not in args.skip and size.name in args.baseline_sizes:
         for name in baselines.BASELINES:
@@ -328,8 +364,16 @@ def run_size(
         if budget.allows(est):
             try:
                 row["throughput"] = result["throughput"] = measure_throughput(
-                    model, opt, size, root, modes[0], args.tp_batch, args.tp_seq,
-                    args.tp_interval, args.tp_intervals, args.tp_reps,
+                    model,
+                    opt,
+                    size,
+                    root,
+                    modes[0],
+                    args.tp_batch,
+                    args.tp_seq,
+                    args.tp_interval,
+                    args.tp_intervals,
+                    args.tp_reps,
                 )
                 logger.info("throughput: %s", result["throughput"])
             except Exception as e:
@@ -344,42 +388,31 @@ def run_size(
     if device.type == "cuda":
         torch.cuda.empty_cache()
         host_empty = getattr(torch._C, "_host_emptyCache", None)
-        if host_empty is not None:  # so the next size's first save really allocates its pinned buffers
+        # so the next size's first save really allocates its pinned buffers
+        if host_empty is not None:
             host_empty()
-
-    ours_dir = next(
-        (Path(o["ckpt_dir"]) for o in row["ours"].values() if "ckpt_dir" in o and "error" not in o),
-        None,
-    )
-    if "resume" not in args.skip and ours_dir is not None and size.name in args.resume_sizes:
-        if budget.allows(nbytes / (fl["read_gbps"] * GB) * 2 + 2 * row["build_s"] + 40):
-            try:
-                row["resume"] = measure_resume(
-                    size, device, ours_dir, 1, min(64, size.seq_len),
-                    timeout=max(min(budget.left(), 1800), 60),
-                )
-            except Exception as e:
-                logger.exception("resume failed")
-                row["resume"] = {"error": f"{type(e).__name__}: {e}"[:800]}
-            logger.info("resume: %s", {k: v for k, v in row["resume"].items() if k not in ("fresh", "resume")})
-        else:
-            row["skipped"].append("resume")
-    for o in row["ours"].values():
-        if "ckpt_dir" in o:
-            remove(Path(o["ckpt_dir"]))
 
     if "preempt" not in args.skip and size.name == args.preempt_size:
         if budget.allows(2 * row["build_s"] + 4 * write_s + 60):
             try:
                 result["preemption"] = preempt.measure(
-                    args.preempt_via, size.to_dict(), device.type, root, modes[0], args.pe_batch,
-                    args.pe_seq, args.preempt_interval, timeout=max(min(budget.left(), 600), 60),
+                    args.preempt_via,
+                    size.to_dict(),
+                    device.type,
+                    root,
+                    modes[0],
+                    args.pe_batch,
+                    args.pe_seq,
+                    args.preempt_interval,
+                    timeout=max(min(budget.left(), 600), 60),
                 )
             except Exception as e:
                 logger.exception("preemption failed")
                 result["preemption"] = {"error": f"{type(e).__name__}: {e}"[:800]}
             result["preemption"]["size"] = size.name
-            logger.info("preemption: %s", {k: v for k, v in result["preemption"].items() if k != "log_tail"})
+            logger.info(
+                "preemption: %s", {k: v for k, v in result["preemption"].items() if k != "log_tail"}
+            )
         else:
             row["skipped"].append("preempt")
     row["figures"] = figures(row, fl, device)
@@ -421,16 +454,28 @@ def figures(row: dict[str, Any], fl: dict[str, Any], device: torch.device) -> di
         new = [s["new_host_bytes"] for s in saves[1:]]
         f["later_saves_new_host_bytes"] = max(new) if new else None
         # A few MB of page faults (metadata, pickles, thread stacks) is noise, not staging buffers.
-        f["later_saves_reuse_host_memory"] = (max(new) < max(0.05 * nbytes, 32 << 20)) if new else None
+        f["later_saves_reuse_host_memory"] = (
+            (max(new) < max(0.05 * nbytes, 32 << 20)) if new else None
+        )
         st = [s.get("stats") or {} for s in saves]
         if st and all("new_host_bytes" in s for s in st):
             f["manager_new_host_bytes_first"] = st[0]["new_host_bytes"]
-            f["manager_new_host_bytes_later"] = max((s["new_host_bytes"] for s in st[1:]), default=None)
-            f["manager_staging_s"] = median([s.get("staging_s", 0.0) for s in st[1:]] or [st[0].get("staging_s", 0.0)])
-            f["manager_blocked_s"] = median([s.get("blocked_s", 0.0) for s in st[1:]] or [st[0].get("blocked_s", 0.0)])
-            f["manager_durable_s"] = median([s.get("durable_s", 0.0) for s in st[1:]] or [st[0].get("durable_s", 0.0)])
+            f["manager_new_host_bytes_later"] = max(
+                (s["new_host_bytes"] for s in st[1:]), default=None
+            )
+            f["manager_staging_s"] = median(
+                [s.get("staging_s", 0.0) for s in st[1:]] or [st[0].get("staging_s", 0.0)]
+            )
+            f["manager_blocked_s"] = median(
+                [s.get("blocked_s", 0.0) for s in st[1:]] or [st[0].get("blocked_s", 0.0)]
+            )
+            f["manager_durable_s"] = median(
+                [s.get("durable_s", 0.0) for s in st[1:]] or [st[0].get("durable_s", 0.0)]
+            )
     else:
-        f["ours_error"] = next((o.get("error") for o in row.get("ours", {}).values() if "error" in o), None)
+        f["ours_error"] = next(
+            (o.get("error") for o in row.get("ours", {}).values() if "error" in o), None
+        )
     for name, b in row.get("baselines", {}).items():
         if "error" in b:
             f[f"{name}_error"] = b["error"]
@@ -468,8 +513,13 @@ def table(result: dict[str, Any]) -> str:
     fl = result["floors"]
     lines = []
     meta = result["meta"]
-    lines.append(f"# {meta['device']} | torch {meta['torch']} | {meta['date']} | ckpt fs: {meta['ckpt_fs']}")
-    fl_bits = [f"memcpy {fl['memcpy_gbps']:.2f} GB/s", f"fresh-alloc copy {fl['fresh_alloc_copy_gbps']:.2f} GB/s"]
+    lines.append(
+        f"# {meta['device']} | torch {meta['torch']} | {meta['date']} | ckpt fs: {meta['ckpt_fs']}"
+    )
+    fl_bits = [
+        f"memcpy {fl['memcpy_gbps']:.2f} GB/s",
+        f"fresh-alloc copy {fl['fresh_alloc_copy_gbps']:.2f} GB/s",
+    ]
     if fl.get("pinned_d2h_gbps"):
         fl_bits.append(f"pinned D2H {fl['pinned_d2h_gbps']:.2f} GB/s")
     w = ", ".join(f"{k}t {v:.2f}" for k, v in fl["write_fsync_gbps_by_threads"].items())
@@ -556,11 +606,17 @@ def preempt_budget(result: dict[str, Any]) -> None:
     row = next((r for r in result["sizes"] if r["name"] == pe.get("size")), None)
     fl = result["floors"]
     nbytes = pe.get("state_bytes_on_disk") or (row or {}).get("state_bytes")
-    block_bw = fl.get("pinned_d2h_gbps") if result["meta"]["device_type"] == "cuda" else fl.get("memcpy_gbps")
+    block_bw = (
+        fl.get("pinned_d2h_gbps")
+        if result["meta"]["device_type"] == "cuda"
+        else fl.get("memcpy_gbps")
+    )
     if not nbytes or not block_bw:
         return
     pe["budget_s"] = (
-        pe["step_s"] + nbytes / (block_bw * GB) + nbytes / (fl["write_fsync_gbps"] * GB)
+        pe["step_s"]
+        + nbytes / (block_bw * GB)
+        + nbytes / (fl["write_fsync_gbps"] * GB)
         + TARGETS["preempt_slack_s"]
     )
     pe["within_budget"] = pe["signal_to_exit_s"] <= pe["budget_s"]
@@ -572,18 +628,40 @@ def preempt_budget(result: dict[str, Any]) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="CI-sized run (tiny sizes, seconds)")
-    ap.add_argument("--out", type=Path, default=None, help="JSON output (default bench/results/...)")
+    ap.add_argument(
+        "--out", type=Path, default=None, help="JSON output (default bench/results/...)"
+    )
     ap.add_argument("--plot", type=Path, default=None, help="PNG output (default beside --out)")
-    ap.add_argument("--dir", type=Path, default=None, help="checkpoint filesystem to test (default: a temp dir)")
+    ap.add_argument(
+        "--dir", type=Path, default=None, help="checkpoint filesystem to test (default: a temp dir)"
+    )
     ap.add_argument("--cpu", action="store_true", help="stay on CPU even when CUDA is available")
-    ap.add_argument("--sizes", default="", help="comma-separated size names to run (default: all of the device's)")
-    ap.add_argument("--modes", default="", help="our async modes, comma-separated (default: pinned on CUDA, async on CPU)")
-    ap.add_argument("--saves", type=int, default=3, help="our saves per size (the first one allocates)")
-    ap.add_argument("--skip", default="", help="comma-separated: baselines,resume,throughput,preempt")
-    ap.add_argument("--preempt-via", choices=("auto", "entrypoint", "worker"), default="auto",
-                    help="preemption through python -m kempnerforge.train, the bench worker, or auto")
+    ap.add_argument(
+        "--sizes",
+        default="",
+        help="comma-separated size names to run (default: all of the device's)",
+    )
+    ap.add_argument(
+        "--modes",
+        default="",
+        help="our async modes, comma-separated (default: pinned on CUDA, async on CPU)",
+    )
+    ap.add_argument(
+        "--saves", type=int, default=3, help="our saves per size (the first one allocates)"
+    )
+    ap.add_argument(
+        "--skip", default="", help="comma-separated: baselines,resume,throughput,preempt"
+    )
+    ap.add_argument(
+        "--preempt-via",
+        choices=("auto", "entrypoint", "worker"),
+        default="auto",
+        help="preemption through python -m kempnerforge.train, the bench worker, or auto",
+    )
     ap.add_argument("--all-baselines", action="store_true", help="baselines at every size (CUDA)")
-    ap.add_argument("--time-budget-s", type=float, default=None, help="skip optional stages past this")
+    ap.add_argument(
+        "--time-budget-s", type=float, default=None, help="skip optional stages past this"
+    )
     ap.add_argument("--floor-mem-bytes", type=int, default=None)
     ap.add_argument("--floor-disk-bytes", type=int, default=None)
     args = ap.parse_args(argv)
@@ -593,7 +671,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -633,18 +713,26 @@ def main(argv: list[str] | None = None) -> int:
     args.resume_sizes = {sizes[-1].name} if args.smoke else {s.name for s in sizes}
     # Baselines are the slowest part (torch.save alone runs at a fraction of the disk floor); on
     # CUDA they run for all but the 757M size so four sizes of our figures fit one lease.
-    args.baseline_sizes = {s.name for s in sizes} - ({"gpt-757m"} if device.type == "cuda" and not args.all_baselines else set())
+    args.baseline_sizes = {s.name for s in sizes} - (
+        {"gpt-757m"} if device.type == "cuda" and not args.all_baselines else set()
+    )
     if args.sizes:
         wanted = set(args.sizes.split(","))
         unknown = wanted - {s.name for s in sizes}
         if unknown:
-            raise SystemExit(f"--sizes: unknown {sorted(unknown)}; choose from {[s.name for s in sizes]}")
+            raise SystemExit(
+                f"--sizes: unknown {sorted(unknown)}; choose from {[s.name for s in sizes]}"
+            )
         sizes = [s for s in sizes if s.name in wanted]
     mem_b = args.floor_mem_bytes or mem_b
     disk_b = args.floor_disk_bytes or disk_b
 
     own_dir = args.dir is None
-    root = Path(tempfile.mkdtemp(prefix="kf-ckpt-bench-")) if own_dir else args.dir / f"kf-ckpt-bench-{stamp}"
+    root = (
+        Path(tempfile.mkdtemp(prefix="kf-ckpt-bench-"))
+        if own_dir
+        else args.dir / f"kf-ckpt-bench-{stamp}"
+    )
     root.mkdir(parents=True, exist_ok=True)
     budget = Budget(args.time_budget_s)
     result: dict[str, Any] = {

@@ -103,7 +103,9 @@ def train_step(
     return loss.detach()
 
 
-def make_batch(size: GPTSize, batch: int, seq: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+def make_batch(
+    size: GPTSize, batch: int, seq: int, device: torch.device
+) -> tuple[torch.Tensor, ...]:
     g = torch.Generator(device="cpu").manual_seed(1)
     data = torch.randint(0, size.vocab, (batch, seq + 1), generator=g).to(device)
     return data[:, :-1].contiguous(), data[:, 1:].contiguous()

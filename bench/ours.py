@@ -82,7 +82,7 @@ def measure(
     device = next(model.parameters()).device
     ckpt_dir = root / f"ours_{mode}"
     remove(ckpt_dir)
-    cfg = CheckpointConfig(dir=str(ckpt_dir), interval=1, async_mode=mode, keep_last_n=2)
+    cfg = CheckpointConfig(dir=str(ckpt_dir), interval=1, async_mode=mode, keep_last_n=1)
     mgr = CheckpointManager(cfg, model, opt)
     saves: list[dict[str, Any]] = []
     out: dict[str, Any] = {"mode": mode, "saves": saves}

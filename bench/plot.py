@@ -16,7 +16,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 GB = 1e9
-_BASE_STYLE = {"torch_save": ("s", "tab:gray"), "dcp_sync": ("^", "tab:brown"), "dcp_async": ("D", "tab:purple")}
+_BASE_STYLE = {
+    "torch_save": ("s", "tab:gray"),
+    "dcp_sync": ("^", "tab:brown"),
+    "dcp_async": ("D", "tab:purple"),
+}
 
 
 def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
@@ -41,7 +45,13 @@ def plot(result: dict[str, Any], out: Path) -> Path:
     block_bw = floors.get("pinned_d2h_gbps") or floors.get("memcpy_gbps")
     block_name = "pinned D2H" if floors.get("pinned_d2h_gbps") else "host memcpy"
     if block_bw:
-        ax.plot(xs_line, [x / block_bw for x in xs_line], "k--", lw=1, label=f"floor: {block_name} {block_bw:.1f} GB/s")
+        ax.plot(
+            xs_line,
+            [x / block_bw for x in xs_line],
+            "k--",
+            lw=1,
+            label=f"floor: {block_name} {block_bw:.1f} GB/s",
+        )
     x, y = _series(rows, "ours_blocked_s")
     ax.plot(x, y, "o-", color="tab:blue", label="ours (steady state)")
     x, y = _series(rows, "ours_first_blocked_s")
@@ -55,7 +65,13 @@ def plot(result: dict[str, Any], out: Path) -> Path:
     ax = axes[1]
     wbw = floors.get("write_fsync_gbps")
     if wbw:
-        ax.plot(xs_line, [x / wbw for x in xs_line], "k--", lw=1, label=f"floor: fsync'd write {wbw:.2f} GB/s")
+        ax.plot(
+            xs_line,
+            [x / wbw for x in xs_line],
+            "k--",
+            lw=1,
+            label=f"floor: fsync'd write {wbw:.2f} GB/s",
+        )
     x, y = _series(rows, "ours_durable_s")
     ax.plot(x, y, "o-", color="tab:blue", label="ours: save call to durable latest")
     for name, (marker, color) in _BASE_STYLE.items():
@@ -72,7 +88,10 @@ def plot(result: dict[str, Any], out: Path) -> Path:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     meta = result.get("meta", {})
-    fig.suptitle(f"checkpoint cost vs floors - {meta.get('device', '?')}, torch {meta.get('torch', '?')}", fontsize=10)
+    fig.suptitle(
+        f"checkpoint cost vs floors - {meta.get('device', '?')}, torch {meta.get('torch', '?')}",
+        fontsize=10,
+    )
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=90)

@@ -92,11 +92,23 @@ def via_entrypoint(
         "distributed.intra_op_threads=0" if device == "cuda" else "distributed.intra_op_threads=2",
         "resilience.requeue=false",
     ]
-    cmd = [sys.executable, "-m", "kempnerforge.train", "--config", str(REPO / "configs" / "debug.yaml"), *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "kempnerforge.train",
+        "--config",
+        str(REPO / "configs" / "debug.yaml"),
+        *overrides,
+    ]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     log_path = root / "preempt_train.log"
-    res: dict[str, Any] = {"via": "entrypoint", "command": " ".join(cmd[1:]), "mode": mode, "interval": interval}
+    res: dict[str, Any] = {
+        "via": "entrypoint",
+        "command": " ".join(cmd[1:]),
+        "mode": mode,
+        "interval": interval,
+    }
     with open(log_path, "w") as log:
         t_launch = time.time()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
@@ -115,7 +127,10 @@ def via_entrypoint(
             proc.kill()
             proc.wait()
             tail = log_path.read_text()[-2000:]
-            return dict(res, error=f"training never reached a steady-state save (rc={proc.returncode}): {tail}")
+            return dict(
+                res,
+                error=f"training never reached a steady-state save (rc={proc.returncode}): {tail}",
+            )
         t_sig = time.time()
         proc.send_signal(signal.SIGUSR1)
         try:
@@ -132,7 +147,11 @@ def via_entrypoint(
     dl = half[-1][1] - half[0][1] if len(half) > 1 else 0
     step_s = (half[-1][0] - half[0][0]) / dl if dl > 0 else None
     final = _latest_step(ckpt)
-    lines = (out_dir / "metrics.jsonl").read_text().splitlines() if (out_dir / "metrics.jsonl").exists() else []
+    lines = (
+        (out_dir / "metrics.jsonl").read_text().splitlines()
+        if (out_dir / "metrics.jsonl").exists()
+        else []
+    )
     last_metric_step = json.loads(lines[-1])["step"] if lines else None
     saves = [
         {"step": int(m[1]), "bytes": int(m[2]), "blocked_s": float(m[3]), "durable_s": float(m[4])}
@@ -206,7 +225,9 @@ def via_worker(
         proc.communicate()
         return dict(out, error="preempt worker did not exit in time")
     res = _parse_result(stdout)
-    out.update(rc=proc.returncode, signal_to_exit_s=t_exit - t_sig, exit_code_ok=proc.returncode == 75)
+    out.update(
+        rc=proc.returncode, signal_to_exit_s=t_exit - t_sig, exit_code_ok=proc.returncode == 75
+    )
     if res is None:
         return dict(out, error=f"no RESULT from preempt worker: {stderr[-1500:]}")
     final = _latest_step(ckpt)

@@ -179,7 +179,8 @@ def _train(
     samples_log = None
     if cfg.data.log_samples:  # debug: which global samples this rank consumed, per step
         out_dir.mkdir(parents=True, exist_ok=True)
-        samples_log = cleanup.enter_context(open(out_dir / f"samples.rank{rank}.jsonl", "a", encoding="utf-8"))
+        path = out_dir / f"samples.rank{rank}.jsonl"
+        samples_log = cleanup.enter_context(open(path, "a", encoding="utf-8"))  # noqa: SIM115
     autocast = torch.autocast(
         device.type, dtype=torch.bfloat16, enabled=cfg.model.compute_dtype == "bfloat16"
     )

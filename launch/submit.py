@@ -22,6 +22,7 @@ so preemption behaves the same way on a laptop.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -128,10 +129,8 @@ class SignalRelay:
 
 
 def _kill(pid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def _ignore(signals: list[int]) -> Any:
@@ -512,7 +511,7 @@ def _wait_all(procs: list[subprocess.Popen], grace_s: float) -> list[int]:
         if done and first_exit is None:
             first_exit = time.monotonic()
         failed = any(c not in (0, EXIT_REQUEUE) for c in done)
-        if first_exit is not None and (failed and time.monotonic() - first_exit > 5
+        if first_exit is not None and ((failed and time.monotonic() - first_exit > 5)
                                        or time.monotonic() - first_exit > grace_s):
             for p in procs:
                 if p.poll() is None:

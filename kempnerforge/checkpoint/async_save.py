@@ -32,6 +32,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
 
 from kempnerforge.checkpoint.config import AsyncCheckpointMode
+from kempnerforge.checkpoint.guards import describe_failure, diagnose_write_failure
 
 logger = logging.getLogger(__name__)
 
@@ -356,7 +357,10 @@ class AsyncCheckpointer:
                     logger.exception("cleanup after a failed save of %s failed", checkpoint_id)
             if isinstance(e, CheckpointError):
                 raise
-            raise CheckpointError(f"checkpoint save to {checkpoint_id} failed: {e!r}") from e
+            raise CheckpointError(
+                f"checkpoint save to {checkpoint_id} failed: {describe_failure(e)}; "
+                f"{diagnose_write_failure(checkpoint_id, _tensor_bytes(state_dict))}"
+            ) from e
 
     def close(self) -> None:
         """Drain (raising a failure) and stop the worker thread."""

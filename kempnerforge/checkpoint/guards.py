@@ -180,3 +180,15 @@ def diagnose_write_failure(path: str | os.PathLike, needed_bytes: int = 0) -> st
 
 def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
+
+
+def describe_failure(exc: BaseException) -> str:
+    """``repr`` of the real cause(s) of a failure, without DCP's per-rank traceback dumps."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        causes: dict[str, list[int]] = {}
+        for rank, cause in failures.items():
+            inner = cause[0] if isinstance(cause, tuple) and cause else cause
+            causes.setdefault(repr(inner), []).append(rank)
+        return "; ".join(f"{text} (rank {', '.join(map(str, ranks))})" for text, ranks in causes.items())
+    return repr(exc)

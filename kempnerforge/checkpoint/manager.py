@@ -25,6 +25,7 @@ import logging
 import os
 import time
 import uuid
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -47,6 +49,14 @@ from kempnerforge.checkpoint.async_save import (
     _Worker,
 )
 from kempnerforge.checkpoint.config import CheckpointConfig
+from kempnerforge.checkpoint.guards import (
+    check_compatible,
+    check_dir_safety,
+    diagnose_write_failure,
+    explain_dcp_failure,
+)
+from kempnerforge.checkpoint.lock import JobLock, acquire_job_lock
+from kempnerforge.checkpoint.safe_unpickle import SafeFileSystemReader, SafeLoadPlanner
 from kempnerforge.checkpoint.state import (
     build_train_state,
     deserialize_train_state,
@@ -188,6 +198,7 @@ class CheckpointManager:
         self._pending_dataloader_state: Any = None
         self._peeked: tuple[Any, Resolution] | None = None
         self._inflight_step: int | None = None
+        self._lock: JobLock | None = None  # taken by rank 0 at the first save, never for loads
         if self.rank == 0:
             storage.make_dir(self.dir, config.dir_mode)
 
@@ -242,7 +253,9 @@ class CheckpointManager:
         self._peeked = None
         state = build_train_state(step, tokens_seen, scheduler, dataloader, extra)
         ts_bytes = serialize_train_state(state)  # RNG of step N, captured now
-        token = self._bcast(uuid.uuid4().hex[:8] if self.rank == 0 else None)
+        token = self._bcast(self._prepare_save() if self.rank == 0 else None)
+        if isinstance(token, BaseException):
+            raise token  # every rank: directory unsafe or locked by another job
         tmp = self.dir / f"{storage.TMP_PREFIX}{int(step)}-{token}"
         dcp_dir = tmp / f"pp_{self.pp_rank}" if self.pp_rank is not None else tmp
         storage.make_dir(tmp / storage.TRAIN_STATE_DIR, self.config.dir_mode)
@@ -272,6 +285,21 @@ class CheckpointManager:
             t0=t0,
         )
 
+    def _prepare_save(self) -> str | BaseException:
+        """Rank 0, every save: the directory is ours to write and this job holds its lock.
+
+        Returns the save's temp-dir token, or the exception every rank must raise (sent with
+        the token broadcast the save needs anyway, so the check costs no extra collective).
+        """
+        try:
+            check_dir_safety(self.dir, for_write=True, dir_mode=self.config.dir_mode)
+            if self._lock is None:
+                self._lock = acquire_job_lock(self.dir, dir_mode=self.config.dir_mode)
+                weakref.finalize(self, self._lock.release)  # a manager dropped without close()
+        except Exception as e:
+            return e
+        return uuid.uuid4().hex[:8]
+
     def wait(self) -> None:
         """Block until the in-flight async save is durable and its ``latest`` committed.
 
@@ -296,6 +324,9 @@ class CheckpointManager:
                 self._janitor.submit(lambda: None).result()
                 self._janitor.stop()
                 self._janitor = None
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
 
     def _schedule_trash(self) -> None:
         if self._janitor is None:
@@ -443,13 +474,40 @@ class CheckpointManager:
             sd["model"] = get_model_state_dict(self.model)
         if "optimizer" not in excluded and self.optimizer is not None:
             sd["optimizer"] = get_optimizer_state_dict(self.model, self.optimizer)
-        if sd:
-            dcp.load(
-                sd,
-                checkpoint_id=str(dcp_dir),
-                process_group=self.process_group,
-                no_dist=not self._dist,
+        # Before any state moves: read DCP's metadata through the restricted unpickler and
+        # compare keys/shapes (rank 0; the verdict is broadcast so every rank raises together),
+        # and make sure the train state is there.
+        ts_name = storage.train_state_name(
+            self.rank if int(meta.get("world_size", self.world_size)) == self.world_size else 0
+        )
+        problem: BaseException | None = None
+        if self.rank == 0:
+            try:
+                check_dir_safety(step_dir.parent, for_write=False)
+                if sd:
+                    check_compatible(dcp_dir, sd)
+            except Exception as e:
+                problem = e
+        problem = self._bcast(problem)
+        if problem is not None:
+            raise problem
+        if not (step_dir / ts_name).is_file():
+            raise FileNotFoundError(
+                f"train state {step_dir / ts_name} is missing: checkpoint {step_dir} is "
+                "incomplete; load another step or delete it"
             )
+        if sd:
+            try:
+                dcp.load(
+                    sd,
+                    checkpoint_id=str(dcp_dir),
+                    storage_reader=SafeFileSystemReader(str(dcp_dir)),
+                    planner=SafeLoadPlanner(),
+                    process_group=self.process_group,
+                    no_dist=not self._dist,
+                )
+            except CheckpointException as e:  # a BaseException: name the real cause
+                raise explain_dcp_failure(e, dcp_dir) from e
             if "model" in sd:
                 set_model_state_dict(self.model, sd["model"])
             if "optimizer" in sd:
@@ -570,6 +628,8 @@ class _CommitJob:
         if errors:
             return False, "; ".join(errors), 0
         mgr = self.mgr
+        if mgr._lock is not None:
+            mgr._lock.check()  # another job took the directory over: do not commit into it
         files: dict[str, Any] = {}
         for _, entries in parts:
             files.update(entries)
@@ -604,6 +664,7 @@ class _CommitJob:
                 outcome = (False, f"rank 0 commit: {e!r}", 0)
             if not outcome[0]:
                 self._discard()
+                outcome = (False, f"{outcome[1]}; {diagnose_write_failure(mgr.dir)}", 0)
         ok, msg, total = mgr._bcast(outcome)  # the barrier: nobody returns before `latest` moved
         if not ok:
             raise CheckpointError(

@@ -73,7 +73,13 @@ fi
 sed -e "s|@DIR@|$DIR|g" -e "s|@MUNGE_SOCKET@|$SOCK|g" -e "s|@CTLD_PORT@|$CTLD_PORT|g" \
     -e "s|@NODE_PORTS@|$NODE_PORTS|g" -e "s|@CPUS@|$CPUS|g" -e "s|@GPUS@|$GPUS|g" \
     "$HERE/slurm.conf.in" >"$CONF.new"
-echo "NodeName=n[1-${#NODES[@]}] Name=gpu Count=$GPUS Flags=CountOnly" >"$DIR/gres.conf"
+# slurmd drops GPUs without device files: empty placeholder files stand in for /dev/nvidiaN.
+mkdir -p "$DIR/fake-gpu"
+: >"$DIR/gres.conf"
+if ((GPUS > 0)); then
+    for ((i = 0; i < GPUS; i++)); do : >"$DIR/fake-gpu/nvidia$i"; done
+    echo "Name=gpu File=$DIR/fake-gpu/nvidia[0-$((GPUS - 1))]" >"$DIR/gres.conf"
+fi
 if [[ -f "$CONF" ]] && ! cmp -s "$CONF" "$CONF.new" && alive "$DIR/run/slurmctld.pid"; then
     die "$CONF changed while the cluster runs: run slurm/dev-cluster/stop.sh first"
 fi

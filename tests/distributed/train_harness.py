@@ -6,6 +6,7 @@ signals, real checkpoints on disk under ``tmp_path``. Nothing is mocked.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -90,10 +91,8 @@ def children(pid: int) -> list[int]:
     """Direct children of ``pid`` (torchrun's workers), from /proc."""
     out: list[int] = []
     for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
+        with contextlib.suppress(FileNotFoundError):  # the task may have ended meanwhile
             out += [int(c) for c in (task / "children").read_text().split()]
-        except FileNotFoundError:
-            pass
     return out
 
 

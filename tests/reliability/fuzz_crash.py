@@ -395,6 +395,7 @@ def run_campaign(index: int, work: Path, ref: Reference, kills: int, max_steps: 
         if plan in HOOK_POINTS:
             env = {PAUSE_ENV: f"{plan}=120", PAUSE_MARKER_ENV: str(markers)}
         log = out / f"run_{n:03d}.log"
+        log.touch()
         proc = launcher.spawn(_train_args(out, mode, max_steps), log, env)
         if kill_this:
             r.killed = _wait_for_kill_point(proc, plan, out, log, markers, rng, ref, timeout_s)

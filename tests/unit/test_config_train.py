@@ -24,9 +24,9 @@ def test_override_types_and_unknown_keys() -> None:
     path = CONFIGS[0]
     cfg = load_config(path, ["train.max_steps=7", "optim.lr=0.01", "data.log_samples=true"])
     assert (cfg.train.max_steps, cfg.optim.lr, cfg.data.log_samples) == (7, 0.01, True)
-    with pytest.raises(ConfigError, match="train.max_steps"):
+    with pytest.raises(ConfigError, match=r"train.max_steps"):
         load_config(path, ["train.max_steps=seven"])
-    with pytest.raises(ConfigError, match="model.n_layers"):
+    with pytest.raises(ConfigError, match=r"model.n_layers"):
         load_config(path, ["model.n_layers=3"])
 
 

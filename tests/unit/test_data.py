@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from kempnerforge.data import GlobalSampler, StepLoader, TokenDataset, build_dataset, synthetic_tokens
+from kempnerforge.data import (
+    GlobalSampler,
+    StepLoader,
+    TokenDataset,
+    build_dataset,
+    synthetic_tokens,
+)
 from kempnerforge.data.config import DataConfig
 
 
@@ -17,7 +25,7 @@ def test_synthetic_is_deterministic_and_structured() -> None:
     assert a.dtype == np.uint16 and a.max() < 128
     # Learnable: the next token is the successor of the previous one most of the time.
     pairs = {}
-    for x, y in zip(a[:-1], a[1:]):
+    for x, y in itertools.pairwise(a):
         pairs.setdefault(int(x), []).append(int(y))
     top = sum(max(np.bincount(v)) for v in pairs.values()) / (len(a) - 1)
     assert top > 0.9
@@ -35,11 +43,11 @@ def test_token_files(tmp_path: Path, suffix: str) -> None:
 
 
 def test_token_file_errors_name_the_file(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="nope.bin"):
+    with pytest.raises(FileNotFoundError, match=r"nope.bin"):
         build_dataset(DataConfig(path=str(tmp_path / "nope.bin")), 8, 100)
     odd = tmp_path / "odd.bin"
     odd.write_bytes(b"\x00" * 7)
-    with pytest.raises(ValueError, match="odd.bin"):
+    with pytest.raises(ValueError, match=r"odd.bin"):
         build_dataset(DataConfig(path=str(odd), dtype="uint32"), 1, 100)
     big = tmp_path / "big.npy"
     np.save(big, np.array([5, 6, 70000] * 10, dtype=np.uint32))
@@ -47,7 +55,7 @@ def test_token_file_errors_name_the_file(tmp_path: Path) -> None:
         build_dataset(DataConfig(path=str(big)), 4, 1000)
     f64 = tmp_path / "f.npy"
     np.save(f64, np.zeros(100))
-    with pytest.raises(ValueError, match="f.npy"):
+    with pytest.raises(ValueError, match=r"f.npy"):
         build_dataset(DataConfig(path=str(f64)), 4, 10)
 
 
@@ -77,14 +85,14 @@ def test_sampler_state_and_errors() -> None:
     assert s.state_dict() == {"position": 12, "seed": 3, "num_samples": 50}
     with pytest.raises(ValueError, match="global_batch_size"):
         GlobalSampler(50, 10, 0, 3, seed=0)
-    with pytest.raises(ValueError, match="data.seed"):
+    with pytest.raises(ValueError, match=r"data.seed"):
         s.load_state_dict({"position": 0, "seed": 4, "num_samples": 50})
 
 
 def test_loader_micro_batches() -> None:
     ds = TokenDataset(synthetic_tokens(4000, 64, 0), 16, 64, "<synthetic>")
     loader = StepLoader(ds, GlobalSampler(len(ds), 8, 1, 2, seed=0), micro_batch_size=2)
-    mb = loader.next_step(__import__("torch").device("cpu"))
+    mb = loader.next_step(torch.device("cpu"))
     assert loader.accum_steps == 2 and len(mb) == 2 and mb[0][0].shape == (2, 16)
     assert loader.last_numbers == [4, 5, 6, 7]
     with pytest.raises(ValueError, match="micro_batch_size"):

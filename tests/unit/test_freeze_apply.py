@@ -40,7 +40,7 @@ def test_unknown_alias_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="'encoder'"):
         apply_freeze(M, [FreezeSpec("encoder")])
     bad = FreezeConfig(stages=[FreezeStage(100, [FreezeSpec("blocks.9")])])
-    with pytest.raises(ConfigError, match="blocks.9"):
+    with pytest.raises(ConfigError, match=r"blocks.9"):
         validate_freeze(M, bad)  # found at start, not at step 100
 
 

@@ -26,10 +26,15 @@ from kempnerforge.checkpoint.lock import (
     read_holder,
 )
 
+# lock.py needs only the standard library: load it by path so each holder process starts in
+# milliseconds (importing the package would import torch).
 HOLDER = textwrap.dedent(
-    """
-    import sys, time
-    from kempnerforge.checkpoint.lock import acquire_job_lock
+    f"""
+    import importlib.util, sys, time
+    spec = importlib.util.spec_from_file_location("kflock", {str(Path(lockmod.__file__))!r})
+    mod = sys.modules["kflock"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    acquire_job_lock = mod.acquire_job_lock
     lk = acquire_job_lock(sys.argv[1], job_id=sys.argv[2] if len(sys.argv) > 2 else None)
     print("LOCKED", lk.owns_flock, flush=True)
     time.sleep(600)

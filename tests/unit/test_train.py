@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
-import train_harness as h  # noqa: E402
+import train_harness as h
 
 N = 12
 # Embedding frozen from the start, unfrozen after step 6 while blocks.0 freezes; blocks.0
