@@ -658,6 +658,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="auto",
         help="preemption through python -m kempnerforge.train, the bench worker, or auto",
     )
+    ap.add_argument(
+        "--preempt-size",
+        dest="preempt_size_opt",
+        default=None,
+        help="size for the preemption figure",
+    )
+    ap.add_argument(
+        "--preempt-interval",
+        dest="preempt_interval_opt",
+        type=int,
+        default=None,
+        help="save interval (steps) of the preemption run; its flush must fit in the interval",
+    )
     ap.add_argument("--all-baselines", action="store_true", help="baselines at every size (CUDA)")
     ap.add_argument(
         "--time-budget-s", type=float, default=None, help="skip optional stages past this"
@@ -687,7 +700,7 @@ def main(argv: list[str] | None = None) -> int:
         mem_b, disk_b = 32 << 20, 32 << 20
         args.throughput_size = args.preempt_size = SMOKE_SIZES[0].name
         args.tp_batch, args.tp_seq, args.tp_interval, args.tp_intervals = 2, 32, 4, 2
-        args.preempt_interval = 3
+        args.preempt_interval = 5
         args.tp_reps = 1
         args.pe_batch, args.pe_seq = 2, 32
         args.saves = min(args.saves, 3)
@@ -696,7 +709,7 @@ def main(argv: list[str] | None = None) -> int:
         mem_b, disk_b = 2 << 30, 4 << 30
         args.throughput_size = args.preempt_size = GPU_SIZES[0].name
         args.tp_batch, args.tp_seq, args.tp_interval, args.tp_intervals = 8, 2048, 50, 2
-        args.preempt_interval = 10
+        args.preempt_interval = 40  # a 12 GB flush must finish inside one interval
         args.tp_reps = 1
         args.pe_batch, args.pe_seq = 4, 1024
     else:
@@ -716,6 +729,8 @@ def main(argv: list[str] | None = None) -> int:
     args.baseline_sizes = {s.name for s in sizes} - (
         {"gpt-757m"} if device.type == "cuda" and not args.all_baselines else set()
     )
+    args.preempt_size = args.preempt_size_opt or args.preempt_size
+    args.preempt_interval = args.preempt_interval_opt or args.preempt_interval
     if args.sizes:
         wanted = set(args.sizes.split(","))
         unknown = wanted - {s.name for s in sizes}

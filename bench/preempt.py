@@ -117,12 +117,20 @@ def via_entrypoint(
         ready = False
         while time.time() < deadline and proc.poll() is None:
             now = time.time()
-            samples.append((now, _count_lines(out_dir / "metrics.jsonl")))
+            done_steps = _count_lines(out_dir / "metrics.jsonl")
+            samples.append((now, done_steps))
             latest = _latest_step(ckpt)
-            if latest is not None and latest >= 2 * interval:
+            # Steady state and nothing in flight: buffers were reused at least once and the
+            # newest periodic save has committed. (If the interval is shorter than a flush this
+            # never happens: then the loop is disk-bound anyway, and we time out and say so.)
+            if (
+                latest is not None
+                and latest >= 2 * interval
+                and latest == (done_steps // interval) * interval
+            ):
                 ready = True
                 break
-            time.sleep(0.02)
+            time.sleep(0.01)
         if not ready:
             proc.kill()
             proc.wait()
@@ -132,7 +140,15 @@ def via_entrypoint(
                 error=f"training never reached a steady-state save (rc={proc.returncode}): {tail}",
             )
         t_sig = time.time()
+        before = _latest_step(ckpt)
         proc.send_signal(signal.SIGUSR1)
+        t_durable = None
+        while proc.poll() is None and time.time() < deadline:
+            now_latest = _latest_step(ckpt)
+            if now_latest is not None and now_latest != before:
+                t_durable = time.time()
+                break
+            time.sleep(0.005)
         try:
             rc = proc.wait(timeout=max(deadline - time.time(), 30))
         except subprocess.TimeoutExpired:
@@ -162,6 +178,8 @@ def via_entrypoint(
         rc=rc,
         exit_code_ok=rc == 75,
         signal_to_exit_s=t_exit - t_sig,
+        signal_to_durable_latest_s=(t_durable - t_sig) if t_durable else None,
+        durable_to_exit_s=(t_exit - t_durable) if t_durable else None,
         step_s=step_s,
         final_step=final,
         last_metric_step=last_metric_step,

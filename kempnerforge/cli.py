@@ -62,8 +62,11 @@ class StepEntry:
     @property
     def commit_time(self) -> float:
         """Unix time of the commit (recency, not step number, orders checkpoints)."""
-        return storage.commit_time_ns(self.path, self.meta) / 1e9 if self.committed else \
-            self.path.stat().st_mtime
+        return (
+            storage.commit_time_ns(self.path, self.meta) / 1e9
+            if self.committed
+            else self.path.stat().st_mtime
+        )
 
 
 def _dir_size(path: Path) -> int:
@@ -170,9 +173,13 @@ def verify_step(step_dir: Path, checksums: bool = True) -> list[str]:
         meta = load_metadata_json(step_dir)
     except CheckpointFormatError as e:
         return [str(e)]
-    problems += [str(p) for p in storage.verify_step_dir(step_dir, "full" if checksums else "size", meta)]
+    problems += [
+        str(p) for p in storage.verify_step_dir(step_dir, "full" if checksums else "size", meta)
+    ]
     if not (meta.get("manifest") or {}).get("files"):
-        problems.append(f"{step_dir / 'metadata.json'}: no manifest; file checksums cannot be checked")
+        problems.append(
+            f"{step_dir / 'metadata.json'}: no manifest; file checksums cannot be checked"
+        )
     try:
         md = load_dcp_metadata(step_dir)
     except CheckpointFormatError as e:
@@ -216,8 +223,17 @@ def cmd_ls(args: argparse.Namespace) -> int:
         tokens = e.meta.get("tokens_seen", "")
         is_latest = "*" if latest is not None and e.path.resolve() == latest else ""
         age = now - (e.commit_time if e.committed else e.path.stat().st_mtime)
-        rows.append((str(e.step), status, _human_bytes(_dir_size(e.path)), _human_age(age),
-                     str(tokens), is_latest, e.path.name))
+        rows.append(
+            (
+                str(e.step),
+                status,
+                _human_bytes(_dir_size(e.path)),
+                _human_age(age),
+                str(tokens),
+                is_latest,
+                e.path.name,
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
@@ -228,7 +244,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
             print(f"note: {e.path.name}: {e.problem}")
     trash = root / TRASH
     if trash.is_dir() and any(trash.iterdir()):
-        print(f"note: {trash} holds {len(list(trash.iterdir()))} retired checkpoint(s) pending deletion")
+        print(
+            f"note: {trash} holds {len(list(trash.iterdir()))} retired checkpoint(s) pending deletion"
+        )
     return 0
 
 
@@ -290,7 +308,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
     path = Path(args.path)
     if not path.is_dir():
         raise CliError(f"{path}: no such checkpoint directory")
-    if path.is_dir() and not (path / "metadata.json").exists() and not (path / ".metadata").exists():
+    if (
+        path.is_dir()
+        and not (path / "metadata.json").exists()
+        and not (path / ".metadata").exists()
+    ):
         entries = scan(path)
         if not entries:
             raise CliError(f"{path}: no checkpoints to verify")
@@ -355,7 +377,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     step_dir = _resolve_step_dir(Path(args.path))
     problems = [] if args.no_verify else verify_step(step_dir)
     if problems:
-        raise CliError(f"{step_dir} failed verification, not exporting:\n  " + "\n  ".join(problems))
+        raise CliError(
+            f"{step_dir} failed verification, not exporting:\n  " + "\n  ".join(problems)
+        )
     tensors = load_full_model_state(step_dir, args.key)
     dest = Path(args.to)
     if dest.exists() and not args.force:
@@ -367,8 +391,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         try:
             from safetensors.torch import save_file
         except ImportError:
-            raise CliError("export to .safetensors needs the safetensors package: "
-                           "pip install 'kempnerforge[export]'") from None
+            raise CliError(
+                "export to .safetensors needs the safetensors package: "
+                "pip install 'kempnerforge[export]'"
+            ) from None
         meta = load_metadata_json(step_dir)
         save_file(tensors, str(tmp), metadata={"step": str(meta.get("step")), "format": "pt"})
     elif dest.suffix in (".pt", ".pth", ".bin"):
@@ -389,9 +415,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise CliError(f"--keep must be >= 1, got {args.keep}")
     entries = scan(root)
     latest = _latest_target(root)
-    committed = sorted((e for e in entries if e.committed), key=lambda e: e.commit_time, reverse=True)
+    committed = sorted(
+        (e for e in entries if e.committed), key=lambda e: e.commit_time, reverse=True
+    )
     keep = {e.path for e in committed[: args.keep]}
-    doomed = [e for e in committed[args.keep:] if latest is None or e.path.resolve() != latest]
+    doomed = [e for e in committed[args.keep :] if latest is None or e.path.resolve() != latest]
     if args.incomplete:
         doomed += [e for e in entries if not e.committed]
     if not doomed:

@@ -87,7 +87,7 @@ class SignalRelay:
         self.forward = forward
         self.pids: list[int] = []
         self._pending: list[tuple[int, int]] = []
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a second signal may arrive inside the handler
         self._thread: threading.Thread | None = None
 
     def on_signal(self, signum: int, _frame: Any = None) -> None:

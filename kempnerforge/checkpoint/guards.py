@@ -43,8 +43,12 @@ def _global_shape(value: Any) -> tuple[int, ...] | None:
     return None
 
 
-def check_compatible(dcp_dir: str | os.PathLike, state_dict: dict[str, Any],
-                     metadata: Metadata | None = None, limit: int = 20) -> Metadata:
+def check_compatible(
+    dcp_dir: str | os.PathLike,
+    state_dict: dict[str, Any],
+    metadata: Metadata | None = None,
+    limit: int = 20,
+) -> Metadata:
     """Raise :class:`CheckpointMismatchError` when ``state_dict`` cannot load from ``dcp_dir``.
 
     Checks, per flattened key: present in the checkpoint, a tensor where a tensor is expected,
@@ -74,9 +78,12 @@ def check_compatible(dcp_dir: str | os.PathLike, state_dict: dict[str, Any],
     if not (missing or shapes or kinds or unexpected):
         return md
     parts = []
-    for title, items in (("keys missing from the checkpoint", missing),
-                         ("shape mismatches", shapes), ("type mismatches", kinds),
-                         ("checkpoint keys this model does not have", unexpected)):
+    for title, items in (
+        ("keys missing from the checkpoint", missing),
+        ("shape mismatches", shapes),
+        ("type mismatches", kinds),
+        ("checkpoint keys this model does not have", unexpected),
+    ):
         if items:
             more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
             parts.append(f"{title} ({len(items)}): " + "; ".join(items[:limit]) + more)
@@ -104,15 +111,18 @@ def check_dir_safety(path: str | os.PathLike, *, for_write: bool, dir_mode: int 
     problems: list[tuple[str, bool]] = []  # (message, refuse when writing)
     uid = os.getuid()
     if st.st_uid != uid:
-        problems.append((f"is owned by uid {st.st_uid} ({_user(st.st_uid)}), not by you "
-                         f"(uid {uid})", True))
+        problems.append(
+            (f"is owned by uid {st.st_uid} ({_user(st.st_uid)}), not by you (uid {uid})", True)
+        )
     if st.st_mode & stat.S_IWOTH and not dir_mode & stat.S_IWOTH:
         problems.append((f"is writable by every user (mode {stat.filemode(st.st_mode)})", True))
     elif st.st_mode & stat.S_IWGRP and not dir_mode & stat.S_IWGRP:
         problems.append((f"is group-writable (mode {stat.filemode(st.st_mode)})", False))
     for msg, refuse in problems:
-        text = (f"checkpoint directory {p} {msg}: others could plant or replace files that "
-                "this job resumes from")
+        text = (
+            f"checkpoint directory {p} {msg}: others could plant or replace files that "
+            "this job resumes from"
+        )
         if for_write and refuse:
             raise UnsafeCheckpointDirError(
                 f"{text}. Refusing to save there: use a directory you own and that only you can "
@@ -172,7 +182,9 @@ def diagnose_write_failure(path: str | os.PathLike, needed_bytes: int = 0) -> st
 
         soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
         if soft != resource.RLIM_INFINITY:
-            facts.append(f"this process may not write files larger than {_mib(soft)} (RLIMIT_FSIZE)")
+            facts.append(
+                f"this process may not write files larger than {_mib(soft)} (RLIMIT_FSIZE)"
+            )
     except (ImportError, OSError, ValueError):
         pass
     return "; ".join(facts)
@@ -190,5 +202,7 @@ def describe_failure(exc: BaseException) -> str:
         for rank, cause in failures.items():
             inner = cause[0] if isinstance(cause, tuple) and cause else cause
             causes.setdefault(repr(inner), []).append(rank)
-        return "; ".join(f"{text} (rank {', '.join(map(str, ranks))})" for text, ranks in causes.items())
+        return "; ".join(
+            f"{text} (rank {', '.join(map(str, ranks))})" for text, ranks in causes.items()
+        )
     return repr(exc)

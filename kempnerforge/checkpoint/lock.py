@@ -370,6 +370,23 @@ def _acquire(
         if flock_state == "free":
             fcntl.flock(fd, fcntl.LOCK_UN)
         if time.monotonic() >= deadline:
+            if (
+                flock_state == "held"
+                and holder is not None
+                and holder.host == host
+                and not _pid_alive(holder.pid)
+            ):
+                # The recorded holder is dead, yet the kernel lock is still held: a child that
+                # inherited the descriptor (e.g. a forked worker) outlives it. After wait_s the
+                # record would name a live starter if there were one, so this is an orphan.
+                logger.warning(
+                    "checkpoint dir %s: %s is dead but its lock file is still held open by a "
+                    "process that inherited it; taking the lock over",
+                    directory,
+                    holder.describe(),
+                )
+                _write_record(directory, me)
+                return _HeldLock(directory, me, fd, heartbeat_s)
             os.close(fd)
             raise CheckpointDirLockedError(_refusal(directory, holder, job, stale_after_s))
         time.sleep(0.05)

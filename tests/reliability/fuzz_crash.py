@@ -61,10 +61,18 @@ CONFIG = REPO / "configs" / "debug.yaml"
 
 # A tiny model so a step and a save take milliseconds; dropout > 0 so RNG restore matters.
 TINY = [
-    "model.n_layer=2", "model.d_model=32", "model.n_head=2", "model.seq_len=16",
-    "model.vocab_size=128", "model.dropout=0.1", "train.global_batch_size=4",
-    "data.synthetic_tokens=20000", "optim.warmup_steps=2", "train.log_interval=1000",
-    "checkpoint.interval=1", "checkpoint.keep_last_n=2",
+    "model.n_layer=2",
+    "model.d_model=32",
+    "model.n_head=2",
+    "model.seq_len=16",
+    "model.vocab_size=128",
+    "model.dropout=0.1",
+    "train.global_batch_size=4",
+    "data.synthetic_tokens=20000",
+    "optim.warmup_steps=2",
+    "train.log_interval=1000",
+    "checkpoint.interval=1",
+    "checkpoint.keep_last_n=2",
 ]
 MODES = ["disabled", "async", "async_with_pinned_mem"]
 HOOK_POINTS = ["dcp_written", "train_state_write", "pre_commit", "latest_swap", "retention"]
@@ -110,8 +118,13 @@ class Campaign:
 
     @property
     def ok(self) -> bool:
-        return (self.losses_equal and self.steps_complete and self.weights_equal and not self.errors
-                and all(not r.outcome.startswith("WRONG") for r in self.restarts))
+        return (
+            self.losses_equal
+            and self.steps_complete
+            and self.weights_equal
+            and not self.errors
+            and all(not r.outcome.startswith("WRONG") for r in self.restarts)
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,8 +132,11 @@ class Campaign:
 
 
 def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "TORCHELASTIC_", "KEMPNERFORGE_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM_", "TORCHELASTIC_", "KEMPNERFORGE_"))
+    }
     env["OMP_NUM_THREADS"] = "1"
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.update(extra or {})
@@ -128,8 +144,14 @@ def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def _train_args(out: Path, mode: str, max_steps: int) -> list[str]:
-    return ["--config", str(CONFIG), f"output_dir={out}", f"train.max_steps={max_steps}",
-            f"checkpoint.async_mode={mode}", *TINY]
+    return [
+        "--config",
+        str(CONFIG),
+        f"output_dir={out}",
+        f"train.max_steps={max_steps}",
+        f"checkpoint.async_mode={mode}",
+        *TINY,
+    ]
 
 
 class Launcher:
@@ -141,13 +163,22 @@ class Launcher:
 
     def spawn(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> Any:
         if self.nproc > 1:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   f"--nproc_per_node={self.nproc}", "-m", "kempnerforge.train", *args]
+            cmd = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc_per_node={self.nproc}",
+                "-m",
+                "kempnerforge.train",
+                *args,
+            ]
         else:
             cmd = [sys.executable, "-m", "kempnerforge.train", *args]
         with open(log, "ab") as fh:  # the child keeps its own descriptor
-            return subprocess.Popen(cmd, stdout=fh, stderr=fh, env=_env(env), cwd=REPO,
-                                    start_new_session=True)
+            return subprocess.Popen(
+                cmd, stdout=fh, stderr=fh, env=_env(env), cwd=REPO, start_new_session=True
+            )
 
     def close(self) -> None:
         pass
@@ -186,8 +217,11 @@ class ForkLauncher(Launcher):
     def __init__(self) -> None:
         super().__init__(1)
         self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--zygote"], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, env=_env(), cwd=REPO,
+            [sys.executable, str(Path(__file__).resolve()), "--zygote"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=_env(),
+            cwd=REPO,
         )
         self._buf = b""
 
@@ -347,8 +381,16 @@ def run_reference(work: Path, max_steps: int, nproc: int, timeout_s: float) -> R
 # One campaign
 
 
-def _wait_for_kill_point(proc: Any, plan: str, out: Path, log: Path, markers: Path,
-                         rng: random.Random, ref: Reference, timeout_s: float) -> bool:
+def _wait_for_kill_point(
+    proc: Any,
+    plan: str,
+    out: Path,
+    log: Path,
+    markers: Path,
+    rng: random.Random,
+    ref: Reference,
+    timeout_s: float,
+) -> bool:
     """Wait until the plan's moment and SIGKILL; False when the process ended first."""
     deadline = time.monotonic() + timeout_s
     base = _metrics_lines(out)
@@ -373,8 +415,16 @@ def _wait_for_kill_point(proc: Any, plan: str, out: Path, log: Path, markers: Pa
     return False
 
 
-def run_campaign(index: int, work: Path, ref: Reference, kills: int, max_steps: int,
-                 launcher: Launcher, rng: random.Random, timeout_s: float) -> Campaign:
+def run_campaign(
+    index: int,
+    work: Path,
+    ref: Reference,
+    kills: int,
+    max_steps: int,
+    launcher: Launcher,
+    rng: random.Random,
+    timeout_s: float,
+) -> Campaign:
     camp = Campaign(index)
     out = work / f"campaign_{index:03d}"
     shutil.rmtree(out, ignore_errors=True)
@@ -412,16 +462,22 @@ def run_campaign(index: int, work: Path, ref: Reference, kills: int, max_steps: 
         r.reached_training = "step " in text or _metrics_lines(out) > 0
         if r.resumed is not None:
             # `latest` first; with no usable `latest`, the newest complete step_N is correct too
-            r.outcome = "loaded" if (expected is None or r.resumed >= expected) else \
-                f"WRONG: resumed step {r.resumed}, latest was {expected}"
+            r.outcome = (
+                "loaded"
+                if (expected is None or r.resumed >= expected)
+                else f"WRONG: resumed step {r.resumed}, latest was {expected}"
+            )
         elif "no checkpoint to resume from" in text or (r.exit_code == 0 and expected is None):
-            r.outcome = "fresh" if expected is None else f"WRONG: started fresh, latest was {expected}"
+            r.outcome = (
+                "fresh" if expected is None else f"WRONG: started fresh, latest was {expected}"
+            )
         else:
             r.outcome = "not reached"
         r.latest_at_death = latest_step(ckdir)
         if not r.killed and r.exit_code != 0 and not camp.errors:
-            camp.errors.append(f"run {n} exited {r.exit_code} without being killed; log {log}:\n"
-                               + text[-2000:])
+            camp.errors.append(
+                f"run {n} exited {r.exit_code} without being killed; log {log}:\n" + text[-2000:]
+            )
         camp.restarts.append(r)
         expected = r.latest_at_death
         n += 1
@@ -451,8 +507,12 @@ def _compare(camp: Campaign, out: Path, ref: Reference, max_steps: int) -> None:
         camp.errors.append(f"losses differ from the reference at steps {sorted(set(bad))[:10]}")
     got = final_tensors(out / "checkpoints")
     camp.tensors_compared = len(ref.tensors)
-    diff = [k for k in ref.tensors if k not in got or not (
-        got[k].dtype == ref.tensors[k].dtype and torch.equal(got[k], ref.tensors[k]))]
+    diff = [
+        k
+        for k in ref.tensors
+        if k not in got
+        or not (got[k].dtype == ref.tensors[k].dtype and torch.equal(got[k], ref.tensors[k]))
+    ]
     diff += [k for k in got if k not in ref.tensors]
     camp.weights_equal = not diff
     if diff:
@@ -484,8 +544,11 @@ class Summary:
 def summarize(camps: list[Campaign], wall_s: float) -> Summary:
     rs = [r for c in camps for r in c.restarts]
     restarts = [r for c in camps for r in c.restarts[1:]]  # every process after the first
-    lost = [r.expected_resume - r.resumed for r in restarts
-            if r.resumed is not None and r.expected_resume is not None]
+    lost = [
+        r.expected_resume - r.resumed
+        for r in restarts
+        if r.resumed is not None and r.expected_resume is not None
+    ]
     wrong = sum(r.outcome.startswith("WRONG") for r in rs)
     return Summary(
         trials=sum(c.kills for c in camps),
@@ -506,20 +569,35 @@ def summarize(camps: list[Campaign], wall_s: float) -> Summary:
 
 
 def render(camps: list[Campaign], s: Summary) -> str:
-    head = ("campaign", "kills", "restarts", "loaded", "fresh", "not-reached", "losses", "weights",
-            "tmp-left", "wall-s")
+    head = (
+        "campaign",
+        "kills",
+        "restarts",
+        "loaded",
+        "fresh",
+        "not-reached",
+        "losses",
+        "weights",
+        "tmp-left",
+        "wall-s",
+    )
     rows = [head]
     for c in camps:
         rest = c.restarts[1:]
-        rows.append((
-            str(c.index), str(c.kills), str(len(rest)),
-            f"{sum(r.outcome == 'loaded' for r in rest)}/{sum(r.resumed is not None for r in rest)}",
-            str(sum(r.outcome == "fresh" for r in rest)),
-            str(sum(r.outcome == "not reached" for r in rest)),
-            "bit-equal" if c.losses_equal and c.steps_complete else "DIFFER",
-            "bit-equal" if c.weights_equal else "DIFFER",
-            str(c.leftover_tmp), f"{c.wall_s:.1f}",
-        ))
+        rows.append(
+            (
+                str(c.index),
+                str(c.kills),
+                str(len(rest)),
+                f"{sum(r.outcome == 'loaded' for r in rest)}/{sum(r.resumed is not None for r in rest)}",
+                str(sum(r.outcome == "fresh" for r in rest)),
+                str(sum(r.outcome == "not reached" for r in rest)),
+                "bit-equal" if c.losses_equal and c.steps_complete else "DIFFER",
+                "bit-equal" if c.weights_equal else "DIFFER",
+                str(c.leftover_tmp),
+                f"{c.wall_s:.1f}",
+            )
+        )
     w = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(v.rjust(w[i]) for i, v in enumerate(r)) for r in rows]
     lines.insert(1, "  ".join("-" * x for x in w))
@@ -531,7 +609,8 @@ def render(camps: list[Campaign], s: Summary) -> str:
         f"steps lost beyond the last committed one: max {s.max_lost_steps}   campaigns bit-equal "
         f"(losses + final weights + AdamW moments): {s.campaigns_bit_equal}/{s.campaigns}",
         "kill points: " + ", ".join(f"{k}={v}" for k, v in sorted(s.plans.items())),
-        "checkpoint modes (per process): " + ", ".join(f"{k}={v}" for k, v in sorted(s.modes.items())),
+        "checkpoint modes (per process): "
+        + ", ".join(f"{k}={v}" for k, v in sorted(s.modes.items())),
         f"wall: {s.wall_s}s   verdict: {'PASS' if s.ok else 'FAIL'}",
     ]
     for c in camps:
@@ -543,9 +622,17 @@ def render(camps: list[Campaign], s: Summary) -> str:
     return "\n".join(lines)
 
 
-def fuzz(trials: int, work: Path, seed: int = 0, max_steps: int = 12, kills_per_campaign: int = 7,
-         nproc: int = 1, launcher: str = "fork", timeout_s: float = 180.0,
-         echo: bool = True) -> tuple[Summary, str]:
+def fuzz(
+    trials: int,
+    work: Path,
+    seed: int = 0,
+    max_steps: int = 12,
+    kills_per_campaign: int = 7,
+    nproc: int = 1,
+    launcher: str = "fork",
+    timeout_s: float = 180.0,
+    echo: bool = True,
+) -> tuple[Summary, str]:
     """Run ``trials`` SIGKILL trials; returns the summary and the rendered table."""
     t0 = time.monotonic()
     rng = random.Random(seed)
@@ -566,8 +653,11 @@ def fuzz(trials: int, work: Path, seed: int = 0, max_steps: int = 12, kills_per_
         left -= camp.kills
         camps.append(camp)
         if echo:
-            print(f"campaign {i}: {camp.kills} kills, {'ok' if camp.ok else 'FAILED'} "
-                  f"({camp.wall_s:.1f}s)", flush=True)
+            print(
+                f"campaign {i}: {camp.kills} kills, {'ok' if camp.ok else 'FAILED'} "
+                f"({camp.wall_s:.1f}s)",
+                flush=True,
+            )
     runner.close()
     s = summarize(camps, time.monotonic() - t0)
     return s, render(camps, s)
@@ -580,10 +670,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=12, help="train.max_steps of every run")
     p.add_argument("--kills-per-campaign", type=int, default=7)
     p.add_argument("--nproc", type=int, default=1, help="ranks per run (torchrun when > 1)")
-    p.add_argument("--launcher", choices=["fork", "exec"], default="fork",
-                   help="fork: runs forked from a pre-imported zygote (fast); exec: a fresh "
-                   "`python -m kempnerforge.train` per run (always used for the reference and "
-                   "when --nproc > 1)")
+    p.add_argument(
+        "--launcher",
+        choices=["fork", "exec"],
+        default="fork",
+        help="fork: runs forked from a pre-imported zygote (fast); exec: a fresh "
+        "`python -m kempnerforge.train` per run (always used for the reference and "
+        "when --nproc > 1)",
+    )
     p.add_argument("--zygote", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--workdir", default=None, help="kept when given; default: a temp dir, removed")
     p.add_argument("--json", default=None, help="write the summary as JSON here")
@@ -593,8 +687,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="kf-fuzz-"))
     try:
-        s, table = fuzz(args.trials, work, args.seed, args.steps, args.kills_per_campaign,
-                        args.nproc, args.launcher)
+        s, table = fuzz(
+            args.trials,
+            work,
+            args.seed,
+            args.steps,
+            args.kills_per_campaign,
+            args.nproc,
+            args.launcher,
+        )
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)

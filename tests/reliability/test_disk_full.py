@@ -22,14 +22,33 @@ from fuzz_crash import CONFIG, REPO, TINY
 def _train(out: Path, *extra: str, fsize: int | None = None) -> subprocess.CompletedProcess:
     def limit() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write, don't kill the process
-        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+        resource.setrlimit(
+            resource.RLIMIT_FSIZE, (fsize, resource.getrlimit(resource.RLIMIT_FSIZE)[1])
+        )
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "KEMPNERFORGE_"))}
     env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "kempnerforge.train", "--config", str(CONFIG), f"output_dir={out}",
-           *TINY, "checkpoint.interval=2", "checkpoint.keep_last_n=3", *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300,
-                          preexec_fn=limit if fsize else None)
+    cmd = [
+        sys.executable,
+        "-m",
+        "kempnerforge.train",
+        "--config",
+        str(CONFIG),
+        f"output_dir={out}",
+        *TINY,
+        "checkpoint.interval=2",
+        "checkpoint.keep_last_n=3",
+        *extra,
+    ]
+    return subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=300,
+        preexec_fn=limit if fsize else None,
+    )
 
 
 def _steps(out: Path) -> list[int]:
@@ -51,7 +70,9 @@ def test_write_error_during_save(tmp_path: Path, policy: str) -> None:
     assert first.returncode == 0, first.stderr[-3000:]
     r = _train(out, "train.max_steps=6", f"resilience.on_save_error={policy}", fsize=64 * 1024)
     ck = out / "checkpoints"
-    assert "tmp_step_4" in r.stderr, r.stderr[-3000:]
+    # the error names the step and says why: the file-size limit, and the space left
+    assert "tmp_step_4" in r.stderr and "RLIMIT_FSIZE" in r.stderr, r.stderr[-3000:]
+    assert "free on the filesystem" in r.stderr
     if policy == "raise":
         assert r.returncode != 0
         assert _steps(out) == [1, 2, 3, 4]
@@ -69,14 +90,19 @@ def test_disk_full_on_a_small_filesystem(tmp_path: Path) -> None:
     mnt = tmp_path / "small"
     mnt.mkdir()
     # one checkpoint of the tiny model (~0.7 MB) fits; a second one beside it does not
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1100k", "tmpfs", str(mnt)],
-                      capture_output=True).returncode != 0:
+    if (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1100k", "tmpfs", str(mnt)], capture_output=True
+        ).returncode
+        != 0
+    ):
         pytest.skip("cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN)")
     try:
         out = mnt / "run"
         r = _train(out, "train.max_steps=4", "resilience.on_save_error=raise")
         assert r.returncode != 0
         assert "No space left on device" in r.stderr and "tmp_step_4" in r.stderr, r.stderr[-3000:]
+        assert "MiB free on the filesystem of" in r.stderr
         _assert_clean(out / "checkpoints", "step_2")
         assert _steps(out) == [1, 2, 3, 4]
     finally:

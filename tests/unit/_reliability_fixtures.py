@@ -42,11 +42,16 @@ def write_checkpoint(
     """Save ``step`` under ``root`` as the manager lays it out; return the step dir."""
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = root / f"{storage.TMP_PREFIX}{step}"
-    state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, opt)}
+    state = {
+        "model": get_model_state_dict(model),
+        "optimizer": get_optimizer_state_dict(model, opt),
+    }
     dcp.save(state, checkpoint_id=str(tmp))
     (tmp / storage.TRAIN_STATE_DIR).mkdir()
-    torch.save({"step": step, "tokens_seen": 10 * step, "rng": {"torch": torch.get_rng_state()}},
-               tmp / storage.train_state_name(0))
+    torch.save(
+        {"step": step, "tokens_seen": 10 * step, "rng": {"torch": torch.get_rng_state()}},
+        tmp / storage.train_state_name(0),
+    )
     if not commit:
         return tmp
     files = storage.list_files(tmp)

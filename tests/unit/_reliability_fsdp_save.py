@@ -32,9 +32,13 @@ def main() -> None:
     opt = torch.optim.AdamW(model.parameters())
     model(torch.randn(4, 5)).sum().backward()
     opt.step()
-    dcp.save({"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, opt)},
-             checkpoint_id=out)
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    dcp.save(
+        {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, opt)},
+        checkpoint_id=out,
+    )
+    full = get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
     if dist.get_rank() == 0:
         torch.save(full, f"{out}/../reference.pt")
     dist.barrier()

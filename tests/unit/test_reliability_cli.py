@@ -71,13 +71,16 @@ def test_verify_exit_code_and_named_file(ckdir: Path, capsys: pytest.CaptureFixt
     assert rc == 1 and str(other) in out and "truncated" in out
 
 
-def test_export_safetensors_and_pt_bit_equal(ckdir: Path, tmp_path: Path,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_export_safetensors_and_pt_bit_equal(
+    ckdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from safetensors.torch import load_file
 
     model, _ = tiny_model(1)  # what step_4 holds
     expected = model.state_dict()
-    rc, _, err = _run(capsys, "export", str(ckdir / "step_4"), "--to", str(tmp_path / "m.safetensors"))
+    rc, _, err = _run(
+        capsys, "export", str(ckdir / "step_4"), "--to", str(tmp_path / "m.safetensors")
+    )
     assert rc == 0, err
     got = load_file(str(tmp_path / "m.safetensors"))
     assert got.keys() == expected.keys()
@@ -103,8 +106,19 @@ def test_export_reads_shards_of_every_rank(tmp_path: Path) -> None:
     out = tmp_path / "fsdp"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(script), str(out)], capture_output=True, text=True, env=env, timeout=180,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(script),
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(list(out.glob("*.distcp"))) == 2
@@ -122,15 +136,20 @@ def test_prune_keeps_newest_and_latest(ckdir: Path, capsys: pytest.CaptureFixtur
     os.symlink("step_2", ckdir / "latest")
     rc, _, _ = _run(capsys, "prune", str(ckdir), "--keep", "1")
     assert rc == 0
-    assert sorted(p.name for p in ckdir.iterdir() if p.name.startswith("step_")) == \
-        ["step_2", "step_6", "step_abc"]
+    assert sorted(p.name for p in ckdir.iterdir() if p.name.startswith("step_")) == [
+        "step_2",
+        "step_6",
+        "step_abc",
+    ]
     assert (ckdir / ".tmp_step_8").exists()
     rc, _, _ = _run(capsys, "prune", str(ckdir), "--keep", "1", "--incomplete")
     assert rc == 0 and not (ckdir / ".tmp_step_8").exists()
     assert (ckdir / "step_abc").exists()  # never touches what is not ours
 
 
-def test_prune_refused_while_a_job_holds_the_dir(ckdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_prune_refused_while_a_job_holds_the_dir(
+    ckdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     with acquire_job_lock(ckdir, job_id="slurm:31337"):
         rc, _, err = _run(capsys, "prune", str(ckdir), "--keep", "1")
         assert rc == 1 and "slurm:31337" in err
@@ -141,7 +160,9 @@ def test_prune_refused_while_a_job_holds_the_dir(ckdir: Path, capsys: pytest.Cap
     assert (ckdir / "step_2").exists()
 
 
-def test_latest_outside_dir_refused(ckdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_latest_outside_dir_refused(
+    ckdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     os.remove(ckdir / "latest")
     os.symlink(str(tmp_path), ckdir / "latest")
     rc, _, err = _run(capsys, "ls", str(ckdir))
@@ -151,6 +172,36 @@ def test_latest_outside_dir_refused(ckdir: Path, tmp_path: Path, capsys: pytest.
 def test_console_script_runs(ckdir: Path) -> None:
     exe = Path(sys.executable).with_name("kempnerforge")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "kempnerforge.cli"]
-    r = subprocess.run([*cmd, "ckpt", "verify", str(ckdir)], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [*cmd, "ckpt", "verify", str(ckdir)], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0, r.stderr
     assert main(["ckpt", "verify", str(ckdir / "nope")]) == 1
+
+
+def test_on_a_manager_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The tools read what CheckpointManager writes (async save, retention, lock files)."""
+    from kempnerforge.checkpoint import CheckpointManager
+    from kempnerforge.config import CheckpointConfig
+
+    model, opt = tiny_model(5)
+    d = tmp_path / "ck"
+    mgr = CheckpointManager(
+        CheckpointConfig(dir=str(d), async_mode="async", keep_last_n=2), model, opt
+    )
+    for step in (1, 2, 3):
+        mgr.save(step)
+    mgr.wait()
+    rc, out, _ = _run(capsys, "ls", str(d))
+    assert rc == 0 and "step_3" in out and "step_1" not in out
+    rc, out, _ = _run(capsys, "verify", str(d))
+    assert rc == 0 and out.count("OK") == 2
+    rc, _, err = _run(capsys, "export", str(d), "--to", str(tmp_path / "w.pt"))
+    assert rc == 0, err
+    got = torch.load(tmp_path / "w.pt", weights_only=True)
+    assert all(torch.equal(got[k], v) for k, v in model.state_dict().items())
+    rc, _, err = _run(capsys, "prune", str(d), "--keep", "1")  # our own process holds the lock
+    assert rc == 1 and "locked by job" in err
+    mgr.close()
+    rc, _, _ = _run(capsys, "prune", str(d), "--keep", "1")
+    assert rc == 0 and not (d / "step_2").exists() and (d / "step_3").exists()

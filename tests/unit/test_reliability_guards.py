@@ -36,15 +36,24 @@ def test_other_model_lists_every_difference(tmp_path: Path) -> None:
     with pytest.raises(CheckpointMismatchError) as ei:
         check_compatible(step, {"model": get_model_state_dict(other)})
     msg = str(ei.value)
-    assert "shape mismatches (3)" in msg and "model.0.weight: checkpoint (6, 4), this model (8, 4)" in msg
+    assert (
+        "shape mismatches (3)" in msg
+        and "model.0.weight: checkpoint (6, 4), this model (8, 4)" in msg
+    )
     assert str(step) in msg
     deeper = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3), nn.Linear(3, 3))
-    with pytest.raises(CheckpointMismatchError, match=r"keys missing from the checkpoint \(2\): "
-                       r"model\.3\.weight; model\.3\.bias"):
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=r"keys missing from the checkpoint \(2\): "
+        r"model\.3\.weight; model\.3\.bias",
+    ):
         check_compatible(step, {"model": get_model_state_dict(deeper)})
     shallower = nn.Sequential(nn.Linear(4, 6))
-    with pytest.raises(CheckpointMismatchError, match=r"checkpoint keys this model does not have "
-                       r"\(2\): model\.2\.bias; model\.2\.weight"):
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=r"checkpoint keys this model does not have "
+        r"\(2\): model\.2\.bias; model\.2\.weight",
+    ):
         check_compatible(step, {"model": get_model_state_dict(shallower)})
 
 
@@ -57,7 +66,8 @@ def test_private_dir_is_fine(tmp_path: Path) -> None:
 
 
 def test_world_writable_refused_for_write_warned_for_read(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     d = tmp_path / "ck"
     d.mkdir()
     os.chmod(d, 0o777)
@@ -80,7 +90,9 @@ def test_group_writable_is_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFi
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="making a directory owned by another user needs root")
-def test_dir_of_another_user_refused_for_write(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_dir_of_another_user_refused_for_write(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     d = tmp_path / "ck"
     d.mkdir(mode=0o700)
     os.chown(d, 65534, 65534)

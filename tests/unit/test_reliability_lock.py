@@ -43,8 +43,11 @@ HOLDER = textwrap.dedent(
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "TORCHELASTIC_", "KEMPNERFORGE_RUN_ID"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM_", "TORCHELASTIC_", "KEMPNERFORGE_RUN_ID"))
+    }
     env.pop("LOCAL_RANK", None)
     env.update(extra)
     return env
@@ -117,14 +120,20 @@ def test_processes_of_one_job_share_it(tmp_path: Path) -> None:
     try:
         member = subprocess.run(
             [sys.executable, "-c", HOLDER.replace("time.sleep(600)", ""), str(tmp_path)],
-            capture_output=True, text=True, env=_clean_env(KEMPNERFORGE_RUN_ID="run-xyz"), timeout=60,
+            capture_output=True,
+            text=True,
+            env=_clean_env(KEMPNERFORGE_RUN_ID="run-xyz"),
+            timeout=60,
         )
         assert member.returncode == 0, member.stderr
         assert member.stdout.strip() == "LOCKED False"  # joined without taking the kernel lock
         assert read_holder(tmp_path).pid == holder.pid
         stranger = subprocess.run(
             [sys.executable, "-c", HOLDER.replace("time.sleep(600)", ""), str(tmp_path)],
-            capture_output=True, text=True, env=_clean_env(KEMPNERFORGE_RUN_ID="other"), timeout=60,
+            capture_output=True,
+            text=True,
+            env=_clean_env(KEMPNERFORGE_RUN_ID="other"),
+            timeout=60,
         )
         assert stranger.returncode != 0
         assert "locked by job 'run-xyz'" in stranger.stderr
@@ -135,8 +144,17 @@ def test_processes_of_one_job_share_it(tmp_path: Path) -> None:
 
 def _fake_remote_record(directory: Path, age_s: float) -> None:
     rec = directory / lockmod.RECORD_FILE
-    rec.write_text(json.dumps({"job_id": "slurm:55", "host": "node-elsewhere-17", "pid": 1,
-                               "since": time.time() - 3600, "user": "alice"}))
+    rec.write_text(
+        json.dumps(
+            {
+                "job_id": "slurm:55",
+                "host": "node-elsewhere-17",
+                "pid": 1,
+                "since": time.time() - 3600,
+                "user": "alice",
+            }
+        )
+    )
     t = time.time() - age_s
     os.utime(rec, (t, t))
 
@@ -184,3 +202,27 @@ def test_current_job_id_is_exported_to_children(monkeypatch: pytest.MonkeyPatch)
 def test_bad_timings_rejected(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="heartbeat_s < stale_after_s"):
         acquire_job_lock(tmp_path, job_id="x", heartbeat_s=10, stale_after_s=5)
+
+
+def test_lock_inherited_by_an_orphan_is_taken_over(tmp_path: Path) -> None:
+    """The holder dies, but a child it forked keeps the lock file open (so the flock stays):
+    the record's dead pid shows it is an orphan, and a new job gets in after ``wait_s``."""
+    child_code = HOLDER.replace(
+        "time.sleep(600)",
+        "import os\npid = os.fork()\nif pid == 0:\n    time.sleep(600)\nprint(pid, flush=True)\nos._exit(0)",
+    )
+    p = subprocess.Popen(
+        [sys.executable, "-c", child_code, str(tmp_path), "job-parent"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=_clean_env(),
+    )
+    assert p.stdout.readline().startswith("LOCKED")
+    orphan = int(p.stdout.readline())
+    p.wait()
+    try:
+        lk = acquire_job_lock(tmp_path, job_id="job-new", wait_s=0.5)
+        assert read_holder(tmp_path).job_id == "job-new"
+        lk.release()
+    finally:
+        os.kill(orphan, signal.SIGKILL)

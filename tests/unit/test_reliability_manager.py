@@ -76,24 +76,43 @@ def _env(run_id: str) -> dict[str, str]:
 
 def test_second_job_refused_reader_unaffected_killed_holder_released(tmp_path: Path) -> None:
     d = tmp_path / "ckpt"
-    holder = subprocess.Popen([sys.executable, "-c", SAVER, str(d), "hold", "5"],
-                              stdout=subprocess.PIPE, text=True, env=_env("job-one"))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", SAVER, str(d), "hold", "5"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=_env("job-one"),
+    )
     try:
         assert holder.stdout.readline().strip() == "SAVED"
-        second = subprocess.run([sys.executable, "-c", SAVER, str(d), "once", "6"],
-                                capture_output=True, text=True, env=_env("job-two"), timeout=120)
+        second = subprocess.run(
+            [sys.executable, "-c", SAVER, str(d), "once", "6"],
+            capture_output=True,
+            text=True,
+            env=_env("job-two"),
+            timeout=120,
+        )
         assert second.returncode != 0
         assert "CheckpointDirLockedError" in second.stderr and "job 'job-one'" in second.stderr
         assert f"pid {holder.pid}" in second.stderr
         assert os.readlink(d / "latest") == "step_5" and not (d / "step_6").exists()
-        reader = subprocess.run([sys.executable, "-c", SAVER, str(d), "load", "0"],
-                                capture_output=True, text=True, env=_env("job-three"), timeout=120)
+        reader = subprocess.run(
+            [sys.executable, "-c", SAVER, str(d), "load", "0"],
+            capture_output=True,
+            text=True,
+            env=_env("job-three"),
+            timeout=120,
+        )
         assert reader.returncode == 0 and "LOADED 5" in reader.stdout, reader.stderr
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    again = subprocess.run([sys.executable, "-c", SAVER, str(d), "once", "7"],
-                           capture_output=True, text=True, env=_env("job-four"), timeout=120)
+    again = subprocess.run(
+        [sys.executable, "-c", SAVER, str(d), "once", "7"],
+        capture_output=True,
+        text=True,
+        env=_env("job-four"),
+        timeout=120,
+    )
     assert again.returncode == 0, again.stderr  # the SIGKILLed holder did not lock it forever
     assert os.readlink(d / "latest") == "step_7"
 
@@ -194,7 +213,9 @@ def test_missing_train_state_names_the_file(tmp_path: Path) -> None:
     assert str(ts) in str(ei.value)
 
 
-def test_latest_pointing_outside_is_refused(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_latest_pointing_outside_is_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     d = tmp_path / "ckpt"
     mgr = manager(d)
     mgr.save(1)
@@ -209,7 +230,8 @@ def test_latest_pointing_outside_is_refused(tmp_path: Path, caplog: pytest.LogCa
 
 
 def test_unsafe_dir_refused_for_save_warned_for_load(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     d = tmp_path / "ckpt"
     mgr = manager(d)
     mgr.save(1)

@@ -83,15 +83,23 @@ def test_planted_pickle_in_a_dcp_byte_entry_never_runs(tmp_path: Path) -> None:
     assert not marker.exists()
     # DCP wraps read errors in CheckpointException, a BaseException
     with pytest.raises(BaseException, match=r"'extra\.evil': refused non-tensor data"):
-        _load_state_dict({}, storage_reader=SafeFileSystemReader(str(ckpt)),
-                         planner=SafeEmptyStateDictLoadPlanner(), no_dist=True)
+        _load_state_dict(
+            {},
+            storage_reader=SafeFileSystemReader(str(ckpt)),
+            planner=SafeEmptyStateDictLoadPlanner(),
+            no_dist=True,
+        )
     assert not marker.exists()
     # and a legitimate non-tensor value (the optimizer's hyper-parameters) loads fine
     model, opt = tiny_model()
     step = write_checkpoint(tmp_path / "ok", 1, model, opt)
     sd: dict = {}
-    _load_state_dict(sd, storage_reader=SafeFileSystemReader(str(step)),
-                     planner=SafeEmptyStateDictLoadPlanner(), no_dist=True)
+    _load_state_dict(
+        sd,
+        storage_reader=SafeFileSystemReader(str(step)),
+        planner=SafeEmptyStateDictLoadPlanner(),
+        no_dist=True,
+    )
     assert sd["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-2)
     assert torch.equal(sd["model"]["0.weight"], model.state_dict()["0.weight"])
 

@@ -1,0 +1,166 @@
+"""Where does the time between ``save()`` and a durable ``latest`` go? A phase profile.
+
+    python bench/profile_flush.py --size gpt-1b --out flush.json        # on a GPU machine
+    python bench/profile_flush.py --size gpt-29m --cpu                   # anywhere
+
+Wraps (in this process only) the functions one save passes through - DCP's ``save``, the
+manifest checksums, train-state write, metadata write, directory commit, ``latest`` swap, fsyncs -
+with timers, then runs a few saves per variant: the configured writer threads, 8 writer threads,
+and (to price the checksums) a manifest that records sizes only. A diagnostic, not a benchmark:
+it monkeypatches the checkpoint package and must not be imported by anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(1, str(HERE.parent))
+import gpt  # noqa: E402
+import torch.distributed.checkpoint as dcp  # noqa: E402
+from checkpoint_bench import CPU_SIZES, GPU_SIZES, SMOKE_SIZES  # noqa: E402
+from measure import remove, settle  # noqa: E402
+
+import kempnerforge.checkpoint.manager as manager_mod  # noqa: E402
+import kempnerforge.checkpoint.storage as storage  # noqa: E402
+from kempnerforge.checkpoint import CheckpointManager  # noqa: E402
+from kempnerforge.config import CheckpointConfig  # noqa: E402
+
+_lock = threading.Lock()
+PHASES: dict[str, float] = defaultdict(float)
+
+
+def _timed(name: str, fn: Any) -> Any:
+    @functools.wraps(fn)
+    def wrapper(*a: Any, **k: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            with _lock:
+                PHASES[name] += time.perf_counter() - t0
+
+    return wrapper
+
+
+def _sizes_only_manifest(root: Any, rel_paths: Any) -> dict[str, dict[str, Any]]:
+    return {rel: {"size": (Path(root) / rel).stat().st_size} for rel in rel_paths}
+
+
+def instrument(hash_files: bool) -> None:
+    orig = getattr(instrument, "_orig", None)
+    if orig is None:
+        orig = instrument._orig = {  # type: ignore[attr-defined]
+            "dcp.save": dcp.save,
+            "manifest_entries": storage.manifest_entries,
+            **{n: getattr(storage, n) for n in _STORAGE_FNS},
+            "_state_dict": manager_mod.CheckpointManager._state_dict,
+        }
+    dcp.save = _timed("dcp.save (write + fsync shards)", orig["dcp.save"])
+    man = orig["manifest_entries"] if hash_files else _sizes_only_manifest
+    storage.manifest_entries = _timed("manifest (checksums)", man)
+    for n in _STORAGE_FNS:
+        setattr(storage, n, _timed(f"storage.{n}", orig[n]))
+    manager_mod.CheckpointManager._state_dict = _timed("get_*_state_dict", orig["_state_dict"])
+
+
+_STORAGE_FNS = (
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "commit_dir",
+    "atomic_symlink",
+    "fsync_dir",
+    "make_dir",
+)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", default="gpt-1b")
+    ap.add_argument("--cpu", action="store_true")
+    ap.add_argument("--dir", type=Path, default=Path("/tmp/kf-flush-profile"))
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument(
+        "--saves", type=int, default=2, help="timed saves per variant (after a warm-up)"
+    )
+    ap.add_argument("--variants", type=int, default=4, help="how many of the variants to run")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    size = next(s for s in GPU_SIZES + CPU_SIZES + SMOKE_SIZES if s.name == args.size)
+    model, opt = gpt.build(size, device)
+    gpt.train_step(model, opt, gpt.make_batch(size, 1, 64, device))
+    nbytes, _ = gpt.state_bytes(model, opt)
+    mode = "async_with_pinned_mem" if device.type == "cuda" else "async"
+    variants = [
+        ("default (4 writer threads, checksums)", 4, True),
+        ("8 writer threads, checksums", 8, True),
+        ("4 writer threads, sizes-only manifest", 4, False),
+        ("8 writer threads, sizes-only manifest", 8, False),
+    ][: args.variants]
+    report: dict[str, Any] = {
+        "size": size.name,
+        "state_bytes": nbytes,
+        "device": str(device),
+        "torch": torch.__version__,
+        "variants": [],
+    }
+    ckpt = args.dir / "flush"
+    remove(ckpt)
+    # One manager for every variant: its staging buffers are allocated once (by the warm-up save)
+    # and the writer-thread count is read at each save.
+    mgr = CheckpointManager(
+        CheckpointConfig(dir=str(ckpt), async_mode=mode, keep_last_n=1), model, opt
+    )
+    instrument(True)
+    mgr.save(1)
+    mgr.wait()
+    step = 1
+    for label, threads, hashing in variants:
+        instrument(hashing)
+        mgr.checkpointer.writer_threads = threads
+        runs = []
+        for _ in range(args.saves):
+            step += 1
+            settle(device)
+            PHASES.clear()
+            t0 = time.perf_counter()
+            mgr.save(step)
+            blocked = time.perf_counter() - t0
+            mgr.wait()
+            durable = time.perf_counter() - t0
+            runs.append({"blocked_s": blocked, "durable_s": durable, "phases_s": dict(PHASES)})
+        best = min(runs, key=lambda r: r["durable_s"])
+        report["variants"].append(
+            {"label": label, "writer_threads": threads, "checksums": hashing, "runs": runs}
+        )
+        print(
+            f"{label}: blocked {best['blocked_s']:.3f}s durable {best['durable_s']:.2f}s "
+            f"({nbytes / best['durable_s'] / 1e9:.2f} GB/s)",
+            flush=True,
+        )
+        for k, v in sorted(best["phases_s"].items(), key=lambda kv: -kv[1]):
+            print(f"    {k:40s} {v:8.3f}s", flush=True)
+    mgr.close()
+    remove(ckpt)
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=1))
+    os.sync()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
