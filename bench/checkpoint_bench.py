@@ -533,6 +533,8 @@ def table(result: dict[str, Any]) -> str:
     )
     lines += [hdr, "|" + "|".join(["---"] * (hdr.count("|") - 1)) + "|"]
     rows = sorted(result["sizes"], key=lambda r: r.get("state_bytes", 0))
+    skipped = [r for r in rows if any(s.startswith("ours") for s in r.get("skipped", []))]
+    rows = [r for r in rows if r not in skipped]
     for r in rows:
         f = r.get("figures") or {}
         lines.append(
@@ -557,6 +559,8 @@ def table(result: dict[str, Any]) -> str:
         )
         if f.get("ours_error"):
             lines.append(f"|   ours failed: {f['ours_error'][:200]} |")
+    for r in skipped:
+        lines.append(f"({r['name']}: skipped, time budget: {', '.join(r['skipped'])})")
     lines.append("")
     hdr = "| size | state GB | ours blocked / durable s | torch.save s | DCP save s | DCP async_save blocked / durable s |"
     lines += [hdr, "|" + "|".join(["---"] * (hdr.count("|") - 1)) + "|"]

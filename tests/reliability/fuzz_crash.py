@@ -298,10 +298,44 @@ def zygote() -> None:
         print(json.dumps({"exited": pid, "code": code}), flush=True)
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every descendant pid of ``pid`` (from /proc), children first found first."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
 def _kill(proc: Any) -> None:
+    """SIGKILL the run and every process under it, at once (a node dying). torchrun starts each
+    worker in its own session, so killing the launcher's process group is not enough."""
+    tree = _descendants(proc.pid)
+    for pid in [proc.pid, *tree]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)  # the whole tree: torchrun and every worker
+        os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    for pid in tree:  # reap-free wait: grandchildren are reaped by init; wait until gone
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.01)
 
 
 def _metrics_lines(out: Path) -> int:
@@ -446,6 +480,7 @@ def run_campaign(
             env = {PAUSE_ENV: f"{plan}=120", PAUSE_MARKER_ENV: str(markers)}
         log = out / f"run_{n:03d}.log"
         log.touch()
+        lines_before = _metrics_lines(out)
         proc = launcher.spawn(_train_args(out, mode, max_steps), log, env)
         if kill_this:
             r.killed = _wait_for_kill_point(proc, plan, out, log, markers, rng, ref, timeout_s)
@@ -459,7 +494,8 @@ def run_campaign(
         text = log.read_text(errors="replace")
         m = RESUMED_RE.search(text)
         r.resumed = int(m.group(1)) if m else None
-        r.reached_training = "step " in text or _metrics_lines(out) > 0
+        # trained (a metrics line or a save of its own) without a resume line = started fresh
+        r.reached_training = _metrics_lines(out) > lines_before or "checkpoint step" in text
         if r.resumed is not None:
             # `latest` first; with no usable `latest`, the newest complete step_N is correct too
             r.outcome = (
@@ -467,7 +503,7 @@ def run_campaign(
                 if (expected is None or r.resumed >= expected)
                 else f"WRONG: resumed step {r.resumed}, latest was {expected}"
             )
-        elif "no checkpoint to resume from" in text or (r.exit_code == 0 and expected is None):
+        elif r.reached_training or r.exit_code == 0:
             r.outcome = (
                 "fresh" if expected is None else f"WRONG: started fresh, latest was {expected}"
             )
@@ -536,6 +572,7 @@ class Summary:
     campaigns_bit_equal: int
     max_lost_steps: int
     plans: dict[str, int]
+    not_reached_by_plan: dict[str, int]  # restarts killed before their resume, by kill plan
     modes: dict[str, int]
     wall_s: float
     ok: bool
@@ -562,6 +599,7 @@ def summarize(camps: list[Campaign], wall_s: float) -> Summary:
         campaigns_bit_equal=sum(c.ok for c in camps),
         max_lost_steps=max([0, *lost]),
         plans=dict(Counter(r.plan for r in rs if r.killed)),
+        not_reached_by_plan=dict(Counter(r.plan for r in restarts if r.outcome == "not reached")),
         modes=dict(Counter(r.mode for r in rs)),
         wall_s=round(wall_s, 1),
         ok=wrong == 0 and all(c.ok for c in camps),
@@ -609,6 +647,8 @@ def render(camps: list[Campaign], s: Summary) -> str:
         f"steps lost beyond the last committed one: max {s.max_lost_steps}   campaigns bit-equal "
         f"(losses + final weights + AdamW moments): {s.campaigns_bit_equal}/{s.campaigns}",
         "kill points: " + ", ".join(f"{k}={v}" for k, v in sorted(s.plans.items())),
+        "killed before their resume, by kill point: "
+        + (", ".join(f"{k}={v}" for k, v in sorted(s.not_reached_by_plan.items())) or "none"),
         "checkpoint modes (per process): "
         + ", ".join(f"{k}={v}" for k, v in sorted(s.modes.items())),
         f"wall: {s.wall_s}s   verdict: {'PASS' if s.ok else 'FAIL'}",
