@@ -140,11 +140,10 @@ def apply_freeze(model: Any, specs: list[FreezeSpec]) -> int:
 def all_trainable(model: Any) -> Iterator[None]:
     """Mark every parameter trainable for the duration, then restore each flag.
 
-    ``torch.distributed.checkpoint.state_dict.set_optimizer_state_dict`` restores optimizer
-    state only for parameters with ``requires_grad``. A module frozen at the checkpoint's step
-    still has AdamW moments from before it was frozen (the optimizer keeps them; the save
-    writes them), and an unfreeze later must continue from those exact moments. Loading under
-    this context restores them too.
+    ``torch.distributed.checkpoint.state_dict``'s optimizer functions handle state only for
+    parameters with ``requires_grad``. A module frozen at the checkpoint's step still has AdamW
+    moments from before it was frozen, and an unfreeze later must continue from those exact
+    moments, so the checkpoint manager saves and restores optimizer state under this context.
     """
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:

@@ -41,7 +41,6 @@ from kempnerforge.config import ConfigError, JobConfig, load_config
 from kempnerforge.data import GlobalSampler, StepLoader, build_dataset
 from kempnerforge.freeze import (
     FreezeSpec,
-    all_trainable,
     apply_freeze,
     canonical_freeze_meta,
     effective_freeze,
@@ -112,6 +111,14 @@ def requeue_and_exit_code(cfg: JobConfig, committed_step: int | None) -> int:
     return exit_code_after_preemption(cfg.resilience, requeued)
 
 
+class SaveFailedError(RuntimeError):
+    """A checkpoint failed under ``resilience.on_save_error=exit``: the run exits with the
+    preemption code so a launcher may run it again from the last committed step."""
+
+    def __init__(self, step: int, cause: BaseException) -> None:
+        super().__init__(f"checkpoint of step {step} failed: {cause}")
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -155,11 +162,9 @@ def _train(
     if saved is not None:
         # checkpoint.exclude_from_loading applies only to foreign checkpoints (load_path); the
         # manager never applies it to this run's own resume, which must be exact.
-        with all_trainable(raw):  # restore the moments of frozen modules too (see freeze.py)
-            step, tokens_seen, _extra = ckpt.load(
-                scheduler=scheduler,
-                vlm_freeze_expected=canonical_freeze_meta(in_force),
-            )
+        step, tokens_seen, _extra = ckpt.load(
+            scheduler=scheduler, vlm_freeze_expected=canonical_freeze_meta(in_force)
+        )
         if step != saved:
             raise RuntimeError(f"checkpoint metadata said step {saved} but load() restored step {step}")
         logger.info("resumed from step %d (%d tokens seen) in %s", step, tokens_seen, cfg.checkpoint.dir)
@@ -196,8 +201,11 @@ def _train(
                 extra={"vlm_freeze": canonical_freeze_meta(in_force)},
             )
         except BaseException as e:  # DCP's CheckpointException is a BaseException
-            if isinstance(e, (KeyboardInterrupt, SystemExit)) or cfg.resilience.on_save_error == "raise":
+            policy = cfg.resilience.on_save_error
+            if isinstance(e, (KeyboardInterrupt, SystemExit)) or policy == "raise":
                 raise
+            if policy == "exit":
+                raise SaveFailedError(at_step, e) from e
             logger.error("checkpoint of step %d failed (%s); continuing (on_save_error=continue)", at_step, e)
             return
         logger.info("checkpoint step %d: save() blocked the loop %.3fs", at_step, time.perf_counter() - t)
@@ -307,6 +315,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         logger.error("config error: %s", e)
         code = 2
+    except SaveFailedError as e:
+        logger.error("%s; the previous checkpoint stays latest; exiting with %d "
+                     "(resilience.on_save_error=exit)", e, cfg.resilience.exit_code)
+        code = cfg.resilience.exit_code
     finally:
         with contextlib.suppress(Exception):
             distributed.shutdown()

@@ -64,6 +64,7 @@ from kempnerforge.checkpoint.state import (
     restore_train_state,
     serialize_train_state,
 )
+from kempnerforge.freeze import all_trainable
 
 logger = logging.getLogger(__name__)
 
@@ -231,7 +232,8 @@ class CheckpointManager:
     def _state_dict(self) -> dict[str, Any]:
         sd: dict[str, Any] = {"model": get_model_state_dict(self.model)}
         if self.optimizer is not None:
-            sd["optimizer"] = get_optimizer_state_dict(self.model, self.optimizer)
+            with all_trainable(self.model):
+                sd["optimizer"] = get_optimizer_state_dict(self.model, self.optimizer)
         return sd
 
     def save(
@@ -473,7 +475,8 @@ class CheckpointManager:
         if "model" not in excluded:
             sd["model"] = get_model_state_dict(self.model)
         if "optimizer" not in excluded and self.optimizer is not None:
-            sd["optimizer"] = get_optimizer_state_dict(self.model, self.optimizer)
+            with all_trainable(self.model):
+                sd["optimizer"] = get_optimizer_state_dict(self.model, self.optimizer)
         # Before any state moves: read DCP's metadata through the restricted unpickler and
         # compare keys/shapes (rank 0; the verdict is broadcast so every rank raises together),
         # and make sure the train state is there.
@@ -511,7 +514,8 @@ class CheckpointManager:
             if "model" in sd:
                 set_model_state_dict(self.model, sd["model"])
             if "optimizer" in sd:
-                set_optimizer_state_dict(self.model, self.optimizer, sd["optimizer"])
+                with all_trainable(self.model):
+                    set_optimizer_state_dict(self.model, self.optimizer, sd["optimizer"])
 
         saved_ws = int(meta.get("world_size", self.world_size))
         same_world = saved_ws == self.world_size

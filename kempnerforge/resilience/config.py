@@ -14,7 +14,7 @@ class ResilienceConfig:
     max_requeues: int = 0  # total self-requeues allowed per job; 0 = unlimited (the progress guard still applies)
     max_requeues_without_progress: int = 2  # guard: stop requeueing when the committed step stalls
     save_watchdog_s: float = 90.0  # a preemption save that takes longer ends the process
-    on_save_error: str = "raise"  # "raise" | "continue": what a failed periodic save does
+    on_save_error: str = "raise"  # a failed save: "raise" (exit 1), "continue" training, or "exit" with exit_code
     # Testing aid: after optimizer step N (> 0), rank debug_signal_rank (-1: every rank) sends
     # itself the first of `signals`, so a preemption lands at an exact step through the real handler.
     debug_signal_step: int = 0
@@ -38,5 +38,7 @@ class ResilienceConfig:
             raise ValueError("resilience.debug_signal_step must be >= 0 and debug_signal_rank >= -1")
         if self.debug_signal_step and not self.signals:
             raise ValueError("resilience.debug_signal_step needs at least one name in resilience.signals")
-        if self.on_save_error not in ("raise", "continue"):
-            raise ValueError(f"resilience.on_save_error must be 'raise' or 'continue', got {self.on_save_error!r}")
+        if self.on_save_error not in ("raise", "continue", "exit"):
+            raise ValueError(
+                f"resilience.on_save_error must be 'raise', 'continue' or 'exit', got {self.on_save_error!r}"
+            )
