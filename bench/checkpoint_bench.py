@@ -444,6 +444,10 @@ def figures(row: dict[str, Any], fl: dict[str, Any], device: torch.device) -> di
         f["ours_first_durable_s"] = saves[0]["durable_s"]
         if gpu:
             f["ours_staged_s"] = median([s["staged_s"] for s in later if "staged_s" in s])
+            # save() no longer waits for the device-to-host copy: this is when it was complete
+            f["staged_ratio"] = _ratio(f["ours_staged_s"], f["block_floor_s"])
+        f["prepare_s"] = o.get("prepare_s")  # buffers allocated off the caller's path
+        f["prepare_call_s"] = o.get("prepare_call_s")
         f["block_ratio"] = _ratio(f["ours_blocked_s"], f["block_floor_s"])
         f["block_target"] = TARGETS["block_ratio_gpu" if gpu else "block_ratio_cpu"]
         f["durable_ratio"] = _ratio(f["ours_durable_s"], f["durable_floor_s"])

@@ -289,6 +289,7 @@ def _train(
         ckpt.flush_pending_save()
         ckpt.wait()
         logger.warning("checkpoint step %d durable after %.3fs", step, time.perf_counter() - t)
+    ckpt.close(wait_for_trash=False)  # `latest` is durable; the next run deletes pruned steps
     code = cfg.resilience.exit_code
     if rank == 0:
         code = requeue_and_exit_code(cfg, step)

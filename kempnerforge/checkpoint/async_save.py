@@ -6,22 +6,29 @@
 DTensor) is copied into a host buffer that is allocated once and reused by every later save (first
 touch of fresh memory costs ~2.4 s/GiB; a copy into an existing buffer runs at memcpy speed). On
 CUDA with ``async_with_pinned_mem`` those buffers are pinned and the copies are issued
-``non_blocking`` on a side stream with a single synchronize at the end. A single background thread
-then runs ``dcp.save`` on a dedicated gloo process group (thread-mode saves on the default group
-deadlock while training runs collectives) followed by the caller's ``on_written`` step (train
-state, manifest, commit). Each save first drains the previous one and re-raises its failure.
+``non_blocking`` on a side stream; ``save()`` does not wait for them: it records a CUDA event after
+the copies and returns. The background thread waits on that event before writing, and whoever is
+about to change the state (the manager's optimizer step pre-hook, ``wait_staged``) makes its stream
+wait on it first, so the copy overlaps the next forward/backward. Host-to-host copies run in a
+small pool of single-threaded copies balanced by bytes (one intra-op-parallel ``copy_`` per tensor
+pays a fork/join each). A single background thread then runs ``dcp.save`` on a dedicated gloo
+process group (thread-mode saves on the default group deadlock while training runs collectives)
+followed by the caller's ``on_written`` step (train state, manifest, commit); DCP's file streams
+hash what they write, so the manifest needs no second read. Each save first drains the previous
+one and re-raises its failure.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import os
 import queue
 import threading
 import time
 import warnings
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeoutError
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +40,7 @@ from torch.distributed.checkpoint import FileSystemWriter
 
 from kempnerforge.checkpoint.config import AsyncCheckpointMode
 from kempnerforge.checkpoint.guards import describe_failure, diagnose_write_failure
+from kempnerforge.checkpoint.storage import hashing_filesystem
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +65,9 @@ class SaveStats:
 
     ``bytes``: tensor bytes of this rank's state; ``total_bytes``: bytes of every file of the step,
     all ranks (0 until committed); ``blocked_s``: time the caller spent inside ``save()``;
-    ``staging_s``: part of it spent copying into host buffers; ``durable_s``: ``save()`` call to
+    ``staging_s``: part of it spent issuing the copies into host buffers (on CUDA with pinned
+    buffers the copies may still run after ``save()`` returned); ``staged_s``: ``save()`` call to
+    the copies being complete, as the background thread saw it; ``durable_s``: ``save()`` call to
     ``latest`` committed; ``gbps``: ``total_bytes`` (or ``bytes``) / ``durable_s`` / 1e9;
     ``new_host_bytes``: host memory newly allocated for staging (0 once buffers are reused).
     """
@@ -68,6 +78,7 @@ class SaveStats:
     total_bytes: int = 0
     blocked_s: float = 0.0
     staging_s: float = 0.0
+    staged_s: float = 0.0
     durable_s: float = 0.0
     gbps: float = 0.0
     new_host_bytes: int = 0
@@ -83,6 +94,57 @@ class SaveStats:
 # ---------------------------------------------------------------------------------------------
 # Staging
 # ---------------------------------------------------------------------------------------------
+_CHUNK_BYTES = 32 << 20  # host copies are split into pieces of at most this size
+_POOL_MIN_BYTES = 16 << 20  # below this, one thread copies everything
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _one_thread() -> None:
+    torch.set_num_threads(1)  # this pool thread's intra-op width only (OpenMP ICVs are per thread)
+
+
+def _copy_bin(pieces: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    for dst, src in pieces:
+        dst.copy_(src)
+
+
+def balance(
+    pairs: list[tuple[torch.Tensor, torch.Tensor]], bins: int, chunk: int = _CHUNK_BYTES
+) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Split (dst, src) copies into ``bins`` lists of about equal bytes.
+
+    Contiguous tensors larger than ``chunk`` are cut into flat pieces first, so one big tensor
+    does not leave the other threads idle; then the largest piece goes to the emptiest bin.
+    """
+    pieces: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    for dst, src in pairs:
+        n = _nbytes(dst)
+        if n > chunk and dst.is_contiguous() and src.is_contiguous() and dst.dim() > 0:
+            d, s_ = dst.view(-1), src.reshape(-1)
+            step = max(1, chunk // dst.element_size())
+            for a in range(0, d.numel(), step):
+                pieces.append(
+                    (
+                        min(step, d.numel() - a) * dst.element_size(),
+                        d[a : a + step],
+                        s_[a : a + step],
+                    )
+                )
+        else:
+            pieces.append((n, dst, src))
+    pieces.sort(key=lambda p: p[0], reverse=True)
+    loads = [0] * bins
+    out: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(bins)]
+    for n, dst, src in pieces:
+        i = loads.index(min(loads))
+        loads[i] += n
+        out[i].append((dst, src))
+    return [b for b in out if b]
+
+
 class HostStager:
     """Copies a (nested) state dict into host buffers kept between saves.
 
@@ -90,61 +152,127 @@ class HostStager:
     or dtype changes gets a new buffer (counted in ``new_host_bytes``). DTensors keep their
     sharding spec and get the host buffer as local tensor, so DCP plans the same shards it would
     plan for the live state. Non-tensor leaves (param-group hyperparameters, ints) are copied.
+
+    With ``pinned`` on CUDA, device tensors are copied ``non_blocking`` on a side stream (which
+    first waits for the current stream); each source is ``record_stream``-ed so the allocator
+    cannot reuse a temporary before the copy read it. ``stage(..., sync=False)`` returns the CUDA
+    event recorded after those copies instead of waiting: the caller must make anything that
+    mutates the sources wait on it. Host sources are copied by ``copy_threads`` single-threaded
+    copies balanced by bytes.
     """
 
-    def __init__(self, pinned: bool) -> None:
+    def __init__(self, pinned: bool, copy_threads: int | None = None) -> None:
         self.pinned = pinned
         self._buffers: dict[tuple, torch.Tensor] = {}
         self._stream: Any = None
+        self.copy_threads = copy_threads or min(4, os.cpu_count() or 1)
+        self._pool: ThreadPoolExecutor | None = None
+        self.last_event: Any = None
 
     def host_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+        return sum(_nbytes(b) for b in self._buffers.values())
 
-    def stage(self, state_dict: dict[str, Any]) -> tuple[dict[str, Any], int, int]:
-        """Returns (staged state dict, tensor bytes staged, bytes newly allocated)."""
+    def allocate(self, state_dict: dict[str, Any]) -> int:
+        """Allocate (and pin) the buffers ``stage`` would need, copying nothing; returns the new
+        bytes. Lets the one-off allocation happen off the training loop's critical path."""
+        counters = [0, 0]
+        self._walk(state_dict, (), counters, None, None)
+        return counters[1]
+
+    def stage(
+        self, state_dict: dict[str, Any], sync: bool = True
+    ) -> tuple[dict[str, Any], int, int]:
+        """Returns (staged state dict, tensor bytes staged, bytes newly allocated).
+
+        With ``sync=False`` the device-to-host copies may still be running; ``self.last_event``
+        is then the CUDA event that completes with them (None when everything is done).
+        """
         counters = [0, 0]
         side = None
+        self.last_event = None
         if self.pinned and torch.cuda.is_available():
             if self._stream is None:
                 self._stream = torch.cuda.Stream()
             side = self._stream
             side.wait_stream(torch.cuda.current_stream())  # copies see finished optimizer math
-        staged = self._walk(state_dict, (), counters, side)
+        host: list[tuple[torch.Tensor, torch.Tensor]] = []
+        staged = self._walk(state_dict, (), counters, side, host)
+        event = None
         if side is not None:
-            side.synchronize()  # the one sync: buffers are complete, sources may change again
+            event = torch.cuda.Event()
+            event.record(side)
+        self._copy_host(host)
+        if event is not None:
+            if sync:
+                event.synchronize()  # buffers are complete, sources may change again
+            else:
+                self.last_event = event
         elif torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.synchronize()
         return staged, counters[0], counters[1]
 
-    def _walk(self, obj: Any, path: tuple, counters: list[int], side: Any) -> Any:
+    def _walk(
+        self, obj: Any, path: tuple, counters: list[int], side: Any, host: list | None
+    ) -> Any:
         if isinstance(obj, dict):
-            return {k: self._walk(v, (*path, k), counters, side) for k, v in obj.items()}
+            return {k: self._walk(v, (*path, k), counters, side, host) for k, v in obj.items()}
         if isinstance(obj, list):
-            return [self._walk(v, (*path, i), counters, side) for i, v in enumerate(obj)]
+            return [self._walk(v, (*path, i), counters, side, host) for i, v in enumerate(obj)]
         if isinstance(obj, tuple):
-            return tuple(self._walk(v, (*path, i), counters, side) for i, v in enumerate(obj))
+            return tuple(self._walk(v, (*path, i), counters, side, host) for i, v in enumerate(obj))
         if DTensor is not None and isinstance(obj, DTensor):
-            local = self._copy(obj._local_tensor, path, counters, side)
-            return _wrap_like(obj, local)
+            local = self._copy(obj._local_tensor, path, counters, side, host)
+            return _wrap_like(obj, local) if host is not None else None
         if isinstance(obj, torch.Tensor):
-            return self._copy(obj, path, counters, side)
-        return copy.deepcopy(obj)
+            return self._copy(obj, path, counters, side, host)
+        return copy.deepcopy(obj) if host is not None else None
 
-    def _copy(self, src: torch.Tensor, path: tuple, counters: list[int], side: Any) -> torch.Tensor:
+    def _copy(
+        self, src: torch.Tensor, path: tuple, counters: list[int], side: Any, host: list | None
+    ) -> torch.Tensor:
         src = src.detach()
         buf = self._buffers.get(path)
         if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
-            pin = side is not None
+            pin = self.pinned and torch.cuda.is_available()
             buf = torch.empty(src.shape, dtype=src.dtype, device="cpu", pin_memory=pin)
             self._buffers[path] = buf
-            counters[1] += buf.numel() * buf.element_size()
+            counters[1] += _nbytes(buf)
+        if host is None:  # allocate only
+            return buf
         if side is not None and src.is_cuda:
             with torch.cuda.stream(side):
                 buf.copy_(src, non_blocking=True)
+            src.record_stream(side)  # a temporary source is not reused before the copy read it
+        elif src.is_cuda:
+            buf.copy_(src)  # pageable: synchronous, on the caller's stream
         else:
-            buf.copy_(src)
-        counters[0] += buf.numel() * buf.element_size()
+            host.append((buf, src))
+        counters[0] += _nbytes(buf)
         return buf
+
+    def _copy_host(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        total = sum(_nbytes(d) for d, _ in pairs)
+        if self.copy_threads <= 1 or total < _POOL_MIN_BYTES or len(pairs) == 0:
+            _copy_bin(pairs)
+            return
+        if self._pool is None:
+            prev = torch.get_num_threads()
+            self._pool = ThreadPoolExecutor(
+                self.copy_threads, thread_name_prefix="kempnerforge-stage", initializer=_one_thread
+            )
+            # start every worker now (the barrier keeps each one busy until all exist), then
+            # restore the process-wide default that their initializers changed
+            barrier = threading.Barrier(self.copy_threads)
+            list(self._pool.map(lambda _: barrier.wait(), range(self.copy_threads)))
+            torch.set_num_threads(prev)
+        bins = balance(pairs, self.copy_threads)
+        for f in [self._pool.submit(_copy_bin, b) for b in bins]:
+            f.result()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
 
 def _wrap_like(dt: Any, local: torch.Tensor) -> Any:
@@ -226,7 +354,11 @@ class AsyncCheckpointer:
     """
 
     def __init__(
-        self, mode: AsyncCheckpointMode = AsyncCheckpointMode.disabled, *, writer_threads: int = 4
+        self,
+        mode: AsyncCheckpointMode = AsyncCheckpointMode.disabled,
+        *,
+        writer_threads: int = 4,
+        copy_threads: int | None = None,
     ) -> None:
         self.mode = AsyncCheckpointMode(mode)
         self.writer_threads = writer_threads
@@ -235,7 +367,10 @@ class AsyncCheckpointer:
             logger.info(
                 "async_with_pinned_mem without CUDA: staging into plain reused host buffers (as 'async')"
             )
-        self._stager = HostStager(pinned=self.pinned) if self.is_async else None
+        self._stager = (
+            HostStager(pinned=self.pinned, copy_threads=copy_threads) if self.is_async else None
+        )
+        self._copy_event: Any = None  # CUDA event of the last save's copies, until waited on
         self._worker: _Worker | None = None
         self._pending: Future | None = None
         self._pending_desc = ""
@@ -252,6 +387,54 @@ class AsyncCheckpointer:
 
     def host_buffer_bytes(self) -> int:
         return self._stager.host_bytes() if self._stager else 0
+
+    def wait_staged(self, device_side: bool = False) -> None:
+        """Make sure the last save's device-to-host copies finished before its sources change.
+
+        ``device_side=True`` makes the *current CUDA stream* wait (no host blocking: use it right
+        before work on that stream mutates parameters or optimizer state, e.g. the optimizer
+        step); otherwise the host blocks until the copies are done. No-op when nothing is pending.
+        """
+        ev, self._copy_event = self._copy_event, None
+        if ev is None:
+            return
+        if device_side:
+            torch.cuda.current_stream().wait_event(ev)
+        else:
+            ev.synchronize()
+
+    def prepare(self, state_dict: dict[str, Any]) -> bool:
+        """Allocate (pin) the staging buffers for ``state_dict`` in the background thread.
+
+        The next ``save()`` waits for it. Returns False (doing nothing) when not async or a save
+        is in flight. A failure (e.g. out of pinnable memory) is logged; the next save retries.
+        """
+        if self._stager is None or self._pending is not None:
+            return False
+        stager = self._stager
+        device = _current_cuda_device()
+
+        def job() -> None:
+            t = time.perf_counter()
+            try:
+                if device is not None:  # this thread would otherwise use (and init) GPU 0
+                    torch.cuda.set_device(device)
+                n = stager.allocate(state_dict)
+            except Exception as e:  # e.g. out of pinnable memory: the save will say so
+                logger.warning("allocating checkpoint staging buffers failed: %r", e)
+                return
+            logger.info(
+                "checkpoint staging buffers ready: %.2f GB new%s in %.2fs",
+                n / 1e9,
+                " pinned" if stager.pinned else "",
+                time.perf_counter() - t,
+            )
+
+        if self._worker is None:
+            self._worker = _Worker("kempnerforge-ckpt")
+        self._pending_desc = "staging buffer allocation"
+        self._pending = self._worker.submit(job)
+        return True
 
     def dcp_group(self, process_group: Any | None) -> Any | None:
         """The group DCP uses: in async modes a dedicated gloo twin of ``process_group``, made once."""
@@ -280,6 +463,7 @@ class AsyncCheckpointer:
             return
         try:
             fut.result()
+            self._copy_event = None  # the job waited on it before writing
         except CheckpointError:
             raise
         except BaseException as e:
@@ -297,7 +481,15 @@ class AsyncCheckpointer:
         on_failed: Callable[[BaseException], None] | None = None,
         step: int = -1,
         t0: float | None = None,
+        digests: dict[str, tuple[int, str]] | None = None,
+        defer_copy: bool = False,
     ) -> None:
+        """Save ``state_dict`` to ``checkpoint_id`` (see the class docstring).
+
+        ``digests``: filled with (size, xxh3_64) of every file DCP writes, by name, as it writes
+        them. ``defer_copy`` (pinned CUDA staging only): return before the device-to-host copies
+        finished; the caller promises to call ``wait_staged`` before mutating the state.
+        """
         t0 = time.perf_counter() if t0 is None else t0
         self.wait()
         group = self.dcp_group(process_group)
@@ -308,7 +500,7 @@ class AsyncCheckpointer:
 
         if not self.is_async:
             stats.bytes = _tensor_bytes(state_dict)
-            self._run(state_dict, checkpoint_id, group, on_written, on_failed)
+            self._run(state_dict, checkpoint_id, group, on_written, on_failed, digests)
             stats.blocked_s = time.perf_counter() - t0
             if not stats.durable_s:
                 stats.durable_s = stats.blocked_s
@@ -316,12 +508,21 @@ class AsyncCheckpointer:
 
         assert self._stager is not None
         ts = time.perf_counter()
-        staged, nbytes, new_bytes = self._stager.stage(state_dict)
+        staged, nbytes, new_bytes = self._stager.stage(state_dict, sync=not defer_copy)
+        event = self._copy_event = self._stager.last_event
         stats.staging_s = time.perf_counter() - ts
+        if event is None:
+            stats.staged_s = time.perf_counter() - t0
         stats.bytes, stats.new_host_bytes = nbytes, new_bytes
 
+        device = _current_cuda_device() if event is not None else None
+
         def job() -> None:
-            self._run(staged, checkpoint_id, group, on_written, on_failed)
+            if event is not None:
+                torch.cuda.set_device(device)  # this thread would otherwise use (and init) GPU 0
+                event.synchronize()  # the host buffers are complete
+                stats.staged_s = time.perf_counter() - t0
+            self._run(staged, checkpoint_id, group, on_written, on_failed, digests)
             if not stats.durable_s:
                 stats.durable_s = time.perf_counter() - t0
 
@@ -338,11 +539,16 @@ class AsyncCheckpointer:
         group: Any,
         on_written: Callable[[Any], None] | None,
         on_failed: Callable[[BaseException], None] | None,
+        digests: dict[str, tuple[int, str]] | None = None,
     ) -> None:
         try:
             writer = FileSystemWriter(
                 checkpoint_id, thread_count=self.writer_threads, sync_files=True
             )
+            if digests is not None and hasattr(writer, "fs"):
+                fs = hashing_filesystem(digests)  # None: this torch has no hook; manifest re-reads
+                if fs is not None:
+                    writer.fs = fs
             no_dist = not (dist.is_available() and dist.is_initialized())
             dcp.save(state_dict, storage_writer=writer, process_group=group, no_dist=no_dist)
             if on_written is not None:
@@ -367,9 +573,18 @@ class AsyncCheckpointer:
         try:
             self.wait()
         finally:
+            self._copy_event = None  # the job synchronized on it
             if self._worker is not None:
                 self._worker.stop()
                 self._worker = None
+            if self._stager is not None:
+                self._stager.close()
+
+
+def _current_cuda_device() -> int | None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.current_device()
+    return None
 
 
 def _tensor_bytes(obj: Any) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import os
 from dataclasses import dataclass, field
 
 
@@ -30,7 +31,7 @@ class CheckpointConfig:
     exclude_from_loading: list[str] = field(default_factory=list)  # e.g. ["optimizer"]
     ignore_freeze_mismatch: bool = False
     dir_mode: int = 0o700  # permissions of directories we create
-    writer_threads: int = 4  # file writer threads per rank for DCP
+    writer_threads: int = 0  # file writer threads per rank for DCP; 0 = min(8, CPU cores)
     verify_on_load: str = "size"  # "none" | "size" | "full" (checksums)
     save_timeout_s: float = 600.0  # a save not durable after this long is reported as hung
 
@@ -47,8 +48,10 @@ class CheckpointConfig:
             raise ValueError(f"checkpoint.async_mode must be an AsyncCheckpointMode, got {self.async_mode!r}")
         if self.interval <= 0:
             raise ValueError(f"checkpoint.interval must be > 0 (steps between saves), got {self.interval}")
-        if self.writer_threads <= 0:
-            raise ValueError(f"checkpoint.writer_threads must be > 0, got {self.writer_threads}")
+        if self.writer_threads < 0:
+            raise ValueError(
+                f"checkpoint.writer_threads must be >= 0 (0 = automatic), got {self.writer_threads}"
+            )
         if self.verify_on_load not in ("none", "size", "full"):
             raise ValueError(
                 f"checkpoint.verify_on_load must be 'none', 'size' or 'full', got {self.verify_on_load!r}"
@@ -57,3 +60,10 @@ class CheckpointConfig:
             raise ValueError(f"checkpoint.dir_mode must be a permission mode like 0o700, got {self.dir_mode!r}")
         if self.save_timeout_s <= 0:
             raise ValueError(f"checkpoint.save_timeout_s must be > 0, got {self.save_timeout_s}")
+
+    def resolved_writer_threads(self) -> int:
+        """``writer_threads``, with 0 meaning min(8, CPU cores): on the H100 machine 8 threads wrote
+        fsync'd files at 2.27 GB/s against 1.10 with one, and they also hash what they write."""
+        if self.writer_threads > 0:
+            return self.writer_threads
+        return max(1, min(8, os.cpu_count() or 1))

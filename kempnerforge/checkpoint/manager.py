@@ -10,9 +10,9 @@ Layout (see docs/checkpointing.md)::
     {dir}/.tmp_step_N-XXXXXXXX/       a save in progress (never loaded)
     {dir}/.trash/                     pruned or replaced steps awaiting background deletion
 
-Commit protocol: every rank writes into the temp dir (DCP shards fsynced by DCP, train state by
-temp+fsync+rename), checksums its own files, and sends its manifest to rank 0. Rank 0 writes
-``metadata.json`` (temp+fsync+rename), renames the temp dir to ``step_N`` (swapping atomically
+Commit protocol: every rank writes into the temp dir (DCP shards fsynced by DCP and checksummed
+as they are written, train state by temp+fsync+rename), and sends its manifest to rank 0. Rank 0
+writes ``metadata.json`` (temp+fsync+rename), renames the temp dir to ``step_N`` (swapping atomically
 with an existing ``step_N``), fsyncs ``{dir}``, swaps ``latest``, fsyncs ``{dir}`` again, then
 broadcasts the outcome: no rank returns before ``latest`` is durable. A directory named
 ``step_N`` is therefore always complete.
@@ -188,8 +188,20 @@ class CheckpointManager:
         # outcome); gloo so it works from the background thread and with NCCL default groups.
         self._ctrl = dist.new_group(backend="gloo") if self._dist else None
         self._checkpointer = AsyncCheckpointer(
-            config.async_mode, writer_threads=config.writer_threads
+            config.async_mode, writer_threads=config.resolved_writer_threads()
         )
+        # Pinned CUDA staging returns before the device-to-host copy finished; the optimizer step
+        # (the only thing in a training step that changes saved state in place) first makes its
+        # stream wait for that copy. Without an optimizer we cannot know: copy synchronously.
+        self._hooks: list[Any] = []
+        self._prepared = False
+        self._defer_copy = self._checkpointer.pinned and optimizer is not None
+        if self._defer_copy:
+            assert optimizer is not None
+            self._hooks.append(optimizer.register_step_pre_hook(self._before_optimizer_step))
+            self._hooks.append(optimizer.register_step_post_hook(self._after_optimizer_step))
+            if _mutates_in_forward(model):  # e.g. BatchNorm running stats live in the state
+                self._hooks.append(model.register_forward_pre_hook(self._before_forward))
         if self._checkpointer.is_async and self._dist:
             if process_group is None:
                 self._checkpointer._groups[None] = self._ctrl  # DCP shares the dedicated group
@@ -227,6 +239,32 @@ class CheckpointManager:
     @property
     def checkpointer(self) -> AsyncCheckpointer:
         return self._checkpointer
+
+    # ------------------------------------------------------------------ staging hooks
+    def _before_optimizer_step(self, *_: Any) -> None:
+        self._checkpointer.wait_staged(device_side=True)
+
+    def _before_forward(self, *_: Any) -> None:
+        self._checkpointer.wait_staged(device_side=True)
+
+    def _after_optimizer_step(self, optimizer: Any, *_: Any) -> None:
+        # After the first step the optimizer state exists: pin the staging buffers now, in the
+        # background, instead of inside the first save (~0.6 s per GiB).
+        if not self._prepared and optimizer.state:
+            self.prepare()
+
+    def prepare(self) -> bool:
+        """Allocate (pin) the host staging buffers now, in the background thread.
+
+        Async modes only; call it once the optimizer state exists (after the first step) so the
+        first ``save()`` does not pay for the allocation. With ``async_with_pinned_mem`` on CUDA
+        the manager does this by itself after the first optimizer step. The next ``save()`` waits
+        for it if it is still running. Returns False when there is nothing to do.
+        """
+        if not self._checkpointer.is_async or self._prepared:
+            return False
+        self._prepared = True
+        return self._checkpointer.prepare(self._state_dict())
 
     # ------------------------------------------------------------------ save
     def _state_dict(self) -> dict[str, Any]:
@@ -277,6 +315,7 @@ class CheckpointManager:
             meta["vlm_freeze"] = extra["vlm_freeze"]
         job = _CommitJob(self, int(step), tmp, dcp_dir, ts_bytes, meta, t0)
         self._inflight_step = int(step)
+        self._prepared = True  # buffers are allocated by this save if not before
         self._checkpointer.save(
             self._state_dict(),
             str(dcp_dir),
@@ -285,6 +324,8 @@ class CheckpointManager:
             on_failed=job.failed,
             step=int(step),
             t0=t0,
+            digests=job.digests,
+            defer_copy=self._defer_copy,
         )
 
     def _prepare_save(self) -> str | BaseException:
@@ -298,6 +339,8 @@ class CheckpointManager:
             if self._lock is None:
                 self._lock = acquire_job_lock(self.dir, dir_mode=self.config.dir_mode)
                 weakref.finalize(self, self._lock.release)  # a manager dropped without close()
+                if self.trash.is_dir() and any(self.trash.iterdir()):
+                    self._schedule_trash()  # left by an earlier run that did not wait for it
         except Exception as e:
             return e
         return uuid.uuid4().hex[:8]
@@ -317,13 +360,23 @@ class CheckpointManager:
         """
         self._checkpointer.wait()
 
-    def close(self) -> None:
-        """Drain the save, stop background threads, finish deleting pruned checkpoints."""
+    def close(self, wait_for_trash: bool = True) -> None:
+        """Drain the save, stop background threads, finish deleting pruned checkpoints.
+
+        ``wait_for_trash=False`` (a preempted job on its way out): do not wait for the deletion
+        of pruned steps; what is left in ``.trash`` is deleted by the next run's first save.
+        Calling ``close`` again is harmless.
+        """
         try:
             self._checkpointer.close()
         finally:
+            for h in self._hooks:
+                h.remove()
+            self._hooks = []
+            self._defer_copy = False
             if self._janitor is not None:
-                self._janitor.submit(lambda: None).result()
+                if wait_for_trash:
+                    self._janitor.submit(lambda: None).result()
                 self._janitor.stop()
                 self._janitor = None
             if self._lock is not None:
@@ -500,6 +553,7 @@ class CheckpointManager:
                 "incomplete; load another step or delete it"
             )
         if sd:
+            self._checkpointer.wait_staged()  # a save's copy must not read half-loaded tensors
             try:
                 dcp.load(
                     sd,
@@ -600,6 +654,12 @@ class _CommitJob:
     ) -> None:
         self.mgr, self.step, self.tmp, self.dcp_dir = mgr, step, tmp, dcp_dir
         self.ts_bytes, self.meta, self.t0 = ts_bytes, meta, t0
+        # (size, xxh3_64) of each file DCP wrote, by name, hashed while it was written
+        self.digests: dict[str, tuple[int, str]] = {}
+
+    def _known(self) -> dict[str, tuple[int, str]]:
+        sub = self.dcp_dir.relative_to(self.tmp)
+        return {(sub / name).as_posix(): v for name, v in self.digests.items()}
 
     def _local(self, group: Any) -> tuple[str | None, dict[str, Any]]:
         """Write this rank's train state and checksum the files this rank wrote."""
@@ -622,7 +682,7 @@ class _CommitJob:
                 for f in self.dcp_dir.iterdir()
                 if f.name.startswith(prefix)
             ]
-            return None, storage.manifest_entries(self.tmp, own)
+            return None, storage.manifest_entries(self.tmp, own, self._known())
         except Exception as e:
             return f"rank {rank}: {e!r}", {}
 
@@ -640,7 +700,8 @@ class _CommitJob:
         rest = [
             f for f in storage.list_files(self.tmp) if f not in files and f != storage.METADATA_FILE
         ]
-        files.update(storage.manifest_entries(self.tmp, rest))  # .metadata and anything unclaimed
+        # .metadata (hashed while rank 0 wrote it) and anything unclaimed
+        files.update(storage.manifest_entries(self.tmp, rest, self._known()))
         for d in {self.tmp, self.tmp / storage.TRAIN_STATE_DIR, self.dcp_dir}:
             storage.fsync_dir(d)
         now = time.time_ns()
@@ -715,3 +776,13 @@ class _CommitJob:
                 self.mgr._schedule_trash()
         except OSError as e:
             logger.warning("could not remove failed save's temp dir %s: %r", self.tmp, e)
+
+
+def _mutates_in_forward(model: torch.nn.Module) -> bool:
+    """True when a forward pass changes saved state in place (normalisation running stats)."""
+    from torch.nn.modules.batchnorm import _NormBase
+
+    return any(
+        isinstance(m, _NormBase) and m.track_running_stats and m.running_mean is not None
+        for m in model.modules()
+    )

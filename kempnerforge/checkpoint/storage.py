@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import io
 import json
 import logging
 import os
@@ -259,13 +260,125 @@ def checksum_file(path: str | os.PathLike, chunk: int = 8 << 20) -> tuple[int, s
 
 
 def manifest_entries(
-    root: str | os.PathLike, rel_paths: Iterable[str]
+    root: str | os.PathLike,
+    rel_paths: Iterable[str],
+    known: dict[str, tuple[int, str]] | None = None,
 ) -> dict[str, dict[str, Any]]:
+    """Manifest entries of ``rel_paths`` under ``root``.
+
+    ``known`` maps a path (relative to ``root``) to the (size, xxh3_64) computed while the file
+    was written (:class:`HashingFileSystem`); it is used when the size on disk still matches, so
+    the file is not read a second time. Anything else is read and hashed.
+    """
     out: dict[str, dict[str, Any]] = {}
+    known = known or {}
     for rel in rel_paths:
-        size, digest = checksum_file(Path(root) / rel)
+        path = Path(root) / rel
+        hit = known.get(rel)
+        if hit is not None and path.stat().st_size == hit[0]:
+            size, digest = hit
+        else:
+            size, digest = checksum_file(path)
         out[rel] = {"size": size, CHECKSUM_ALGO: digest}
     return out
+
+
+class _HashingStream(io.RawIOBase):
+    """A write-only stream that hashes every byte on its way to the file.
+
+    DCP writes each shard file front to back (``write``, ``tell``, ``flush``, ``fileno`` for its
+    fsync, ``close``). A ``seek`` or a short write makes the running hash unusable; the stream then
+    reports nothing and the manifest falls back to reading the file.
+    """
+
+    def __init__(self, raw: Any, key: str, sink: dict[str, tuple[int, str]]) -> None:
+        super().__init__()
+        self._raw = raw
+        self._key = key
+        self._sink = sink
+        self._h = xxhash.xxh3_64()
+        self._n = 0
+        self._ok = True
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        mv = memoryview(b)
+        if mv.ndim != 1 or mv.itemsize != 1:
+            mv = mv.cast("B")
+        n = self._raw.write(mv)
+        n = len(mv) if n is None else n
+        if n != len(mv):
+            self._ok = False
+        self._h.update(mv[:n])
+        self._n += n
+        return n
+
+    def tell(self) -> int:
+        return self._raw.tell()
+
+    def seek(self, *args: Any) -> int:
+        self._ok = False
+        return self._raw.seek(*args)
+
+    def truncate(self, *args: Any) -> int:
+        self._ok = False
+        return self._raw.truncate(*args)
+
+    def flush(self) -> None:
+        if not self._raw.closed:
+            self._raw.flush()
+
+    def fileno(self) -> int:
+        return self._raw.fileno()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            if self._ok and self._raw.tell() == self._n:
+                self._sink[self._key] = (self._n, self._h.hexdigest())
+            self._raw.close()
+        finally:
+            super().close()
+
+
+def hashing_filesystem(sink: dict[str, tuple[int, str]]) -> Any | None:
+    """A DCP ``FileSystem`` whose write streams record (size, xxh3_64) of each file in ``sink``.
+
+    Keys are file names (DCP writes one flat directory per checkpoint id). Returns None when this
+    torch's ``FileSystem`` has no ``create_stream`` to wrap; the caller then keeps the default
+    one and the manifest reads the files back.
+    """
+    try:
+        from torch.distributed.checkpoint.filesystem import FileSystem
+    except ImportError:  # pragma: no cover
+        return None
+    if not callable(getattr(FileSystem, "create_stream", None)):  # pragma: no cover
+        return None
+
+    class _HashingFileSystem(FileSystem):
+        @contextlib.contextmanager
+        def create_stream(self, path: str | os.PathLike, mode: str) -> Any:
+            if "w" not in mode or "+" in mode:
+                with super().create_stream(path, mode) as stream:
+                    yield stream
+                return
+            with super().create_stream(path, mode) as raw:
+                stream = _HashingStream(raw, Path(path).name, sink)
+                try:
+                    yield stream
+                finally:
+                    stream.close()
+
+        def rename(self, path: str | os.PathLike, new_path: str | os.PathLike) -> None:
+            super().rename(path, new_path)  # DCP writes .metadata.tmp, then renames it
+            hit = sink.pop(Path(path).name, None)
+            if hit is not None:
+                sink[Path(new_path).name] = hit
+
+    return _HashingFileSystem()
 
 
 def list_files(root: str | os.PathLike) -> list[str]:
