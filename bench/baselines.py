@@ -17,8 +17,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-from measure import Span, dir_bytes, fsync_path, remove, settle
+from measure import Span, dir_bytes, remove, settle
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+from kempnerforge.checkpoint.storage import fsync_dir
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +37,7 @@ def torch_save(model: torch.nn.Module, opt: torch.optim.Optimizer, root: Path) -
         torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, f)
         f.flush()
         os.fsync(f.fileno())
-    fsync_path(root)
+    fsync_dir(root)
     t = span.elapsed()
     out = {"blocked_s": t, "durable_s": t, "new_host_bytes": span.new_host_bytes()}
     out["disk_bytes"] = dir_bytes(path)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from kempnerforge.checkpoint.storage import fsync_dir
+
 logger = logging.getLogger(__name__)
 
 GB = 1e9
@@ -119,14 +121,6 @@ def evict_from_page_cache(paths: list[Path]) -> None:
             os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_files(directory: Path, payload: memoryview, threads: int) -> tuple[float, list[Path]]:
     """Write ``payload`` split over ``threads`` files, one writer thread each, fsync each file."""
     per = len(payload) // threads
@@ -154,7 +148,7 @@ def _write_files(directory: Path, payload: memoryview, threads: int) -> tuple[fl
         t.start()
     for t in ts:
         t.join()
-    _fsync_dir(directory)
+    fsync_dir(directory)
     elapsed = time.perf_counter() - t0
     if errors:
         raise errors[0]

@@ -49,14 +49,6 @@ def settle(device: torch.device) -> None:
     os.sync()
 
 
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def dir_bytes(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
