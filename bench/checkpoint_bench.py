@@ -360,7 +360,7 @@ def run_size(
             write_json(result, args.out)
 
     if "throughput" not in args.skip and size.name == args.throughput_size:
-        est = 2 * args.tp_interval * args.tp_intervals * 0.5 + 60
+        est = 2 * args.tp_interval * args.tp_intervals * 0.5 * args.tp_reps + 60
         if budget.allows(est):
             try:
                 row["throughput"] = result["throughput"] = measure_throughput(
@@ -683,6 +683,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--time-budget-s", type=float, default=None, help="skip optional stages past this"
     )
+    ap.add_argument(
+        "--tp-reps",
+        dest="tp_reps_opt",
+        type=int,
+        default=None,
+        help="throughput: alternating arm pairs, best of each kept",
+    )
     ap.add_argument("--floor-mem-bytes", type=int, default=None)
     ap.add_argument("--floor-disk-bytes", type=int, default=None)
     args = ap.parse_args(argv)
@@ -730,6 +737,7 @@ def main(argv: list[str] | None = None) -> int:
         args.preempt_interval = 5
         args.tp_reps = 2
         args.pe_batch, args.pe_seq = 2, 32
+    args.tp_reps = args.tp_reps_opt or args.tp_reps
     # Resume costs two fresh processes per size; the smoke measures it once.
     args.resume_sizes = {sizes[-1].name} if args.smoke else {s.name for s in sizes}
     # Baselines are the slowest part (torch.save alone runs at a fraction of the disk floor); on

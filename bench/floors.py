@@ -93,10 +93,16 @@ def pinned_d2h(nbytes: int, repeats: int = 5) -> dict[str, float]:
     return out
 
 
-def _payload(nbytes: int) -> memoryview:
-    """Incompressible bytes (a filesystem that compresses zeros would flatter the floor)."""
+def _payload(nbytes: int, block: int = 256 << 20) -> memoryview:
+    """Incompressible bytes (a filesystem that compresses zeros would flatter the floor).
+
+    A random block of up to 256 MiB, repeated: far beyond any compressor's window, and generating
+    gigabytes of random bytes one by one would take longer than writing them.
+    """
     g = torch.Generator().manual_seed(0)
-    t = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=g)
+    b = torch.randint(0, 256, (min(nbytes, block),), dtype=torch.uint8, generator=g)
+    reps = -(-nbytes // b.numel())
+    t = b.repeat(reps)[:nbytes] if reps > 1 else b
     return memoryview(t.numpy()).cast("B")
 
 
@@ -184,7 +190,7 @@ def _read_files(paths: list[Path], threads: int) -> float:
 
 
 def disk_floors(
-    directory: Path, nbytes: int, thread_counts: tuple[int, ...] = (1, 4, 8)
+    directory: Path, nbytes: int, thread_counts: tuple[int, ...] = (1, 4, 8), read: bool = True
 ) -> dict[str, object]:
     """fsync'd write GB/s for each writer-thread count (best taken), and cold read GB/s.
 
@@ -206,18 +212,18 @@ def disk_floors(
         else:
             for p in paths:
                 p.unlink(missing_ok=True)
-    read: dict[str, float] = {}
-    for th in sorted({1, best_threads}):
+    reads: dict[str, float] = {}
+    for th in sorted({1, best_threads}) if read else ():
         evict_from_page_cache(keep)
-        read[str(th)] = nbytes / _read_files(keep, th) / GB
+        reads[str(th)] = nbytes / _read_files(keep, th) / GB
     for p in keep:
         p.unlink(missing_ok=True)
     return {
         "write_fsync_gbps_by_threads": write,
         "write_fsync_gbps": best_gbps,
         "write_fsync_best_threads": best_threads,
-        "read_gbps_by_threads": read,
-        "read_gbps": max(read.values()),
+        "read_gbps_by_threads": reads,
+        "read_gbps": max(reads.values(), default=0.0),
         "read_cache_evicted": hasattr(os, "posix_fadvise"),
         "disk_floor_bytes": nbytes,
     }

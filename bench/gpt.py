@@ -8,6 +8,7 @@ output projection and a 4x MLP, plus tied token embeddings and a position embedd
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -79,11 +80,22 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1))
 
 
-def build(size: GPTSize, device: torch.device, seed: int = 0) -> tuple[GPT, torch.optim.AdamW]:
-    """Model on ``device`` with AdamW; parameters are created directly on the device."""
+def build(
+    size: GPTSize,
+    device: torch.device,
+    seed: int = 0,
+    wrap: Callable[[GPT], object] | None = None,
+) -> tuple[GPT, torch.optim.AdamW]:
+    """Model on ``device`` with AdamW; parameters are created directly on the device.
+
+    ``wrap`` runs on the model before the optimizer is built: FSDP2's ``fully_shard`` replaces
+    the parameters by sharded ones, and AdamW must hold those, not the full-size originals.
+    """
     torch.manual_seed(seed)
     with torch.device(device):
         model = GPT(size)
+    if wrap is not None:
+        wrap(model)
     try:  # fused AdamW exists for CPU too in recent torch; the per-tensor loop is 5-10x slower there
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
     except (RuntimeError, TypeError):

@@ -5,8 +5,9 @@
 
 Wraps (in this process only) the functions one save passes through - DCP's ``save``, the
 manifest checksums, train-state write, metadata write, directory commit, ``latest`` swap, fsyncs -
-with timers, then runs a few saves per variant: the configured writer threads, 8 writer threads,
-and (to price the checksums) a manifest that records sizes only. A diagnostic, not a benchmark:
+with timers, then runs a few saves per variant: our staged writer and DCP's ``FileSystemWriter``
+at several thread counts; ``--floor`` first measures the fsync'd-write floor at exactly the state's
+size on the same filesystem. A diagnostic, not a benchmark:
 it monkeypatches the checkpoint package and must not be imported by anything else.
 """
 
@@ -30,6 +31,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(HERE.parent))
+import floors  # noqa: E402
 import gpt  # noqa: E402
 import torch.distributed.checkpoint as dcp  # noqa: E402
 from checkpoint_bench import CPU_SIZES, GPU_SIZES, SMOKE_SIZES  # noqa: E402
@@ -57,11 +59,7 @@ def _timed(name: str, fn: Any) -> Any:
     return wrapper
 
 
-def _sizes_only_manifest(root: Any, rel_paths: Any, known: Any = None) -> dict[str, dict[str, Any]]:
-    return {rel: {"size": (Path(root) / rel).stat().st_size} for rel in rel_paths}
-
-
-def instrument(hash_files: bool) -> None:
+def instrument() -> None:
     orig = getattr(instrument, "_orig", None)
     if orig is None:
         orig = instrument._orig = {  # type: ignore[attr-defined]
@@ -71,8 +69,7 @@ def instrument(hash_files: bool) -> None:
             "_state_dict": manager_mod.CheckpointManager._state_dict,
         }
     dcp.save = _timed("dcp.save (write + fsync shards)", orig["dcp.save"])
-    man = orig["manifest_entries"] if hash_files else _sizes_only_manifest
-    storage.manifest_entries = _timed("manifest (checksum re-reads, if any)", man)
+    storage.manifest_entries = _timed("manifest (checksum re-reads, if any)", orig["manifest_entries"])
     for n in _STORAGE_FNS:
         setattr(storage, n, _timed(f"storage.{n}", orig[n]))
     manager_mod.CheckpointManager._state_dict = _timed("get_*_state_dict", orig["_state_dict"])
@@ -99,7 +96,8 @@ def main() -> int:
     ap.add_argument(
         "--saves", type=int, default=2, help="timed saves per variant (after a warm-up)"
     )
-    ap.add_argument("--variants", type=int, default=4, help="how many of the variants to run")
+    ap.add_argument("--variants", type=int, default=3, help="how many of the variants to run")
+    ap.add_argument("--floor", action="store_true", help="measure the disk floor at the state size")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
@@ -109,10 +107,11 @@ def main() -> int:
     nbytes, _ = gpt.state_bytes(model, opt)
     mode = "async_with_pinned_mem" if device.type == "cuda" else "async"
     variants = [
-        ("4 writer threads, checksums while writing", 4, True),
-        ("8 writer threads, checksums while writing", 8, True),
-        ("4 writer threads, sizes-only manifest", 4, False),
-        ("8 writer threads, sizes-only manifest", 8, False),
+        ("staged writer (default), 8 threads", "staged", 8),
+        ("DCP FileSystemWriter, 8 threads", "dcp", 8),
+        ("staged writer, 4 threads", "staged", 4),
+        ("staged writer, 16 threads", "staged", 16),
+        ("DCP FileSystemWriter, 4 threads", "dcp", 4),
     ][: args.variants]
     report: dict[str, Any] = {
         "size": size.name,
@@ -128,15 +127,22 @@ def main() -> int:
     mgr = CheckpointManager(
         CheckpointConfig(dir=str(ckpt), async_mode=mode, keep_last_n=1), model, opt
     )
-    instrument(True)
+    instrument()
     mgr.save(1)
     mgr.wait()
     step = 1
-    for label, threads, hashing in variants:
-        instrument(hashing)
-        mgr.checkpointer.writer_threads = threads
-        runs = []
-        for _ in range(args.saves):
+    if args.floor:  # the fsync'd-write floor at exactly this state's size, same filesystem
+        fl = floors.disk_floors(args.dir / "floor", nbytes, (8,), read=False)
+        report["floor"] = fl
+        print(f"fsync'd write floor at {nbytes / 1e9:.2f} GB: {fl['write_fsync_gbps']:.2f} GB/s "
+              f"(8 threads) = {nbytes / 1e9 / fl['write_fsync_gbps']:.2f} s", flush=True)
+    # Rounds alternate the variants (A, B, A, B, ...): a disk whose rate drifts under sustained
+    # writes then penalises every variant alike instead of whichever ran last.
+    runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _, _ in variants}
+    for _ in range(args.saves):
+        for label, kind, threads in variants:
+            mgr.checkpointer.writer_threads = threads
+            mgr.checkpointer.writer_kind = kind
             step += 1
             settle(device)
             PHASES.clear()
@@ -145,14 +151,19 @@ def main() -> int:
             blocked = time.perf_counter() - t0
             mgr.wait()
             durable = time.perf_counter() - t0
-            runs.append({"blocked_s": blocked, "durable_s": durable, "phases_s": dict(PHASES)})
-        best = min(runs, key=lambda r: r["durable_s"])
+            runs[label].append(
+                {"blocked_s": blocked, "durable_s": durable, "phases_s": dict(PHASES)}
+            )
+            print(f"  {label}: durable {durable:.2f}s", flush=True)
+    for label, kind, threads in variants:
+        best = min(runs[label], key=lambda r: r["durable_s"])
         report["variants"].append(
-            {"label": label, "writer_threads": threads, "checksums": hashing, "runs": runs}
+            {"label": label, "writer": kind, "writer_threads": threads, "runs": runs[label]}
         )
         print(
             f"{label}: blocked {best['blocked_s']:.3f}s durable {best['durable_s']:.2f}s "
-            f"({nbytes / best['durable_s'] / 1e9:.2f} GB/s)",
+            f"({nbytes / best['durable_s'] / 1e9:.2f} GB/s; all: "
+            f"{', '.join(format(r['durable_s'], '.2f') for r in runs[label])})",
             flush=True,
         )
         for k, v in sorted(best["phases_s"].items(), key=lambda kv: -kv[1]):

@@ -36,11 +36,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemWriter
 
 from kempnerforge.checkpoint.config import AsyncCheckpointMode
 from kempnerforge.checkpoint.guards import describe_failure, diagnose_write_failure
 from kempnerforge.checkpoint.storage import hashing_filesystem
+from kempnerforge.checkpoint.writer import make_writer
 
 logger = logging.getLogger(__name__)
 
@@ -359,9 +359,11 @@ class AsyncCheckpointer:
         *,
         writer_threads: int = 4,
         copy_threads: int | None = None,
+        writer_kind: str = "staged",
     ) -> None:
         self.mode = AsyncCheckpointMode(mode)
         self.writer_threads = writer_threads
+        self.writer_kind = writer_kind
         self.pinned = self.mode is AsyncCheckpointMode.async_pinned and torch.cuda.is_available()
         if self.mode is AsyncCheckpointMode.async_pinned and not self.pinned:
             logger.info(
@@ -542,8 +544,11 @@ class AsyncCheckpointer:
         digests: dict[str, tuple[int, str]] | None = None,
     ) -> None:
         try:
-            writer = FileSystemWriter(
-                checkpoint_id, thread_count=self.writer_threads, sync_files=True
+            writer = make_writer(
+                checkpoint_id,
+                thread_count=self.writer_threads,
+                digests=digests,
+                kind=self.writer_kind,
             )
             if digests is not None and hasattr(writer, "fs"):
                 fs = hashing_filesystem(digests)  # None: this torch has no hook; manifest re-reads

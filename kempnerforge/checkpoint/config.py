@@ -31,7 +31,8 @@ class CheckpointConfig:
     exclude_from_loading: list[str] = field(default_factory=list)  # e.g. ["optimizer"]
     ignore_freeze_mismatch: bool = False
     dir_mode: int = 0o700  # permissions of directories we create
-    writer_threads: int = 0  # file writer threads per rank for DCP; 0 = min(8, CPU cores)
+    writer_threads: int = 0  # file writer threads per rank; 0 = min(8, CPU cores)
+    writer: str = "staged"  # "staged" (ours, same DCP files, faster) | "dcp" (FileSystemWriter)
     verify_on_load: str = "size"  # "none" | "size" | "full" (checksums)
     save_timeout_s: float = 600.0  # a save not durable after this long is reported as hung
 
@@ -51,6 +52,11 @@ class CheckpointConfig:
         if self.writer_threads < 0:
             raise ValueError(
                 f"checkpoint.writer_threads must be >= 0 (0 = automatic), got {self.writer_threads}"
+            )
+        if self.writer not in ("staged", "dcp"):
+            raise ValueError(
+                f"checkpoint.writer must be 'staged' (default) or 'dcp' (torch's own "
+                f"FileSystemWriter), got {self.writer!r}"
             )
         if self.verify_on_load not in ("none", "size", "full"):
             raise ValueError(

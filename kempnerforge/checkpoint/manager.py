@@ -188,7 +188,9 @@ class CheckpointManager:
         # outcome); gloo so it works from the background thread and with NCCL default groups.
         self._ctrl = dist.new_group(backend="gloo") if self._dist else None
         self._checkpointer = AsyncCheckpointer(
-            config.async_mode, writer_threads=config.resolved_writer_threads()
+            config.async_mode,
+            writer_threads=config.resolved_writer_threads(),
+            writer_kind=config.writer,
         )
         # Pinned CUDA staging returns before the device-to-host copy finished; the optimizer step
         # (the only thing in a training step that changes saved state in place) first makes its
