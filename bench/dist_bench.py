@@ -136,7 +136,8 @@ def fsdp_wrap(device: torch.device, world: int) -> Callable[[gpt.GPT], None]:
 # The parts
 # ---------------------------------------------------------------------------------------------
 def run_arms(model: gpt.GPT, opt: torch.optim.Optimizer, mgr: Any, data: tuple[torch.Tensor, ...],
-             steps: int, interval: int, device: torch.device) -> dict[str, Any]:
+             steps: int, interval: int, device: torch.device,
+             first_step: int = 0) -> dict[str, Any]:
     """Steps without saves, then the same steps with a save every ``interval``; this rank's view.
 
     Before each save the previous one is waited for explicitly (``save()`` would do it first
@@ -145,12 +146,16 @@ def run_arms(model: gpt.GPT, opt: torch.optim.Optimizer, mgr: Any, data: tuple[t
     def arm(saving: bool, first_step: int) -> tuple[float, list[dict[str, Any]]]:
         saves: list[dict[str, Any]] = []
         pending: dict[str, Any] | None = None
+        windows: list[float] = []  # seconds per 10 steps: where in the interval time is lost
         sync(device)
-        t0 = time.perf_counter()
+        t0 = t_win = time.perf_counter()
         for i in range(1, steps + 1):
             loss = gpt.train_step(model, opt, data)
             if i % 10 == 0:
                 loss.item()  # as a logging loop would
+                now = time.perf_counter()
+                windows.append(now - t_win)
+                t_win = now
             if saving and i % interval == 0:
                 mgr.wait()
                 if pending is not None:
@@ -168,10 +173,12 @@ def run_arms(model: gpt.GPT, opt: torch.optim.Optimizer, mgr: Any, data: tuple[t
             pending["stats"] = manager_stats(mgr)
             pending["proc_new_host_bytes"] = pending.pop("_span").new_host_bytes()
             pending["final_wait_s"] = time.perf_counter() - t_wait
+        if saves:
+            saves[0]["windows_s"] = windows
         return elapsed, saves
 
     t_none, _ = arm(False, 0)
-    t_save, saves = arm(True, 0)
+    t_save, saves = arm(True, first_step)
     out = {"steps": steps, "interval": interval, "no_save_s": t_none, "with_save_s": t_save,
            "throughput_ratio": t_none / t_save if t_save > 0 else None, "saves": saves}
     if device.type == "cuda":  # headroom for a larger size or batch
@@ -279,6 +286,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--time-budget-s", type=float, default=None,
                     help="fewer steps per arm when the whole run would not fit")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: default)")
+    ap.add_argument("--writers", default="",
+                    help="extra throughput arms with other writers, e.g. dcp:8,staged:2")
     ap.add_argument("--timeout-s", type=float, default=300.0, help="process-group timeout")
     return ap.parse_args(argv)
 
@@ -389,7 +398,29 @@ def main(argv: list[str] | None = None) -> int:
             "throughput_ratio": no_save / with_save if with_save > 0 else None,
             "step_s_no_save": no_save / steps, "note": note}})
 
-        vstep = 10 * (steps + 1)  # a step number no arm used
+        # Optional: the same arms again with other writers (kind:threads), same model and run.
+        variants: dict[str, Any] = {}
+        for k, spec in enumerate(w for w in args.writers.split(",") if w):
+            kind, _, threads = spec.partition(":")
+            if budget_left() < reserve + 2.5 * steps * step_s:
+                variants[spec] = {"skipped": "time budget"}
+                continue
+            mgr.checkpointer.writer_kind = kind
+            mgr.checkpointer.writer_threads = int(threads or mgr.checkpointer.writer_threads)
+            v = run_arms(model, opt, mgr, data, steps, interval, device,
+                         first_step=(k + 1) * 1000)
+            ns, ws = all_max(v["no_save_s"], device), all_max(v["with_save_s"], device)
+            variants[spec] = {"no_save_s": ns, "with_save_s": ws, "throughput_ratio": ns / ws,
+                              "durable_s": [(x.get("stats") or {}).get("durable_s") for x in v["saves"]],
+                              "windows_s": v["saves"][0].get("windows_s") if v["saves"] else None}
+            logger.info("writer %s: throughput ratio %.3f, durable %s", spec, ns / ws,
+                        variants[spec]["durable_s"])
+        if variants:
+            publish("writer_variants", {}, {"writer_variants": variants})
+        mgr.checkpointer.writer_kind = cfg.writer
+        mgr.checkpointer.writer_threads = cfg.resolved_writer_threads()
+
+        vstep = 10 * (steps + 1) + 10_000  # a step number no arm used
         vrec, ref = run_verify(model, opt, mgr, data, vstep, args.extra_steps, device)
         mgr.close()
         mgr = None

@@ -155,6 +155,11 @@ def main() -> int:
                 {"blocked_s": blocked, "durable_s": durable, "phases_s": dict(PHASES)}
             )
             print(f"  {label}: durable {durable:.2f}s", flush=True)
+    if args.floor:  # again after the saves: a disk that slows under sustained writes shows here
+        fl2 = floors.disk_floors(args.dir / "floor", nbytes, (8,), read=False)
+        report["floor_after"] = fl2
+        print(f"fsync'd write floor again after the saves: {fl2['write_fsync_gbps']:.2f} GB/s "
+              f"= {nbytes / 1e9 / fl2['write_fsync_gbps']:.2f} s", flush=True)
     for label, kind, threads in variants:
         best = min(runs[label], key=lambda r: r["durable_s"])
         report["variants"].append(
