@@ -45,11 +45,16 @@ try:  # private names of DCP's filesystem backend; missing -> fall back to FileS
 except ImportError:  # pragma: no cover - depends on the torch release
     _AVAILABLE = False
 
-_PIECE = 16 << 20  # bytes per write(): hashed while cache-hot, then handed to the kernel
+_PIECE = 16 << 20  # bytes per write() of tensor data
+_SMALL = 1 << 20  # writes below this are gathered into one write()
 
 
 class _HashedFd(io.RawIOBase):
-    """Write-only stream over a file descriptor that hashes (xxh3_64) every byte it writes."""
+    """Write-only stream over a file descriptor that hashes (xxh3_64) every byte it writes.
+
+    ``torch.save`` emits a dozen small records around each tensor's data; those are gathered in a
+    small buffer so a file of many small tensors costs a few system calls, not one per record.
+    """
 
     def __init__(self, fd: int, path: Path) -> None:
         super().__init__()
@@ -57,6 +62,7 @@ class _HashedFd(io.RawIOBase):
         self.path = path
         self.n = 0
         self.h = xxhash.xxh3_64()
+        self._buf = bytearray()
         self.error: OSError | None = None  # torch.save's zip writer may swallow it: kept here
 
     def writable(self) -> bool:
@@ -67,23 +73,38 @@ class _HashedFd(io.RawIOBase):
         if mv.ndim != 1 or mv.itemsize != 1:
             mv = mv.cast("B")
         total = len(mv)
-        for off in range(0, total, _PIECE):
-            piece = mv[off : off + _PIECE]
-            self.h.update(piece)
-            while piece:
-                try:
-                    piece = piece[os.write(self.fd, piece) :]
-                except OSError as e:  # e.g. ENOSPC: name the file
-                    self.error = OSError(e.errno, e.strerror, str(self.path))
-                    raise self.error from e
+        if total < _SMALL:
+            self.h.update(mv)
+            self._buf += mv
+            if len(self._buf) >= _SMALL:
+                self._drain()
+        else:
+            self._drain()
+            for off in range(0, total, _PIECE):
+                piece = mv[off : off + _PIECE]
+                self.h.update(piece)  # while it is in the CPU cache, just before the kernel copy
+                self._write_all(piece)
         self.n += total
         return total
+
+    def _drain(self) -> None:
+        if self._buf:
+            self._write_all(memoryview(self._buf))
+            self._buf = bytearray()
+
+    def _write_all(self, piece: memoryview) -> None:
+        while piece:
+            try:
+                piece = piece[os.write(self.fd, piece) :]
+            except OSError as e:  # e.g. ENOSPC: name the file
+                self.error = OSError(e.errno, e.strerror, str(self.path))
+                raise self.error from e
 
     def tell(self) -> int:
         return self.n
 
     def flush(self) -> None:
-        pass
+        self._drain()
 
     def fileno(self) -> int:
         return self.fd
@@ -207,6 +228,7 @@ class StagedFileWriter(FileSystemWriter):
                         storage_data=_StorageInfo(name, offset, length),
                     )
                 )
+            stream.flush()
             if self.sync_files:
                 os.fsync(fd)
         except Exception as e:
