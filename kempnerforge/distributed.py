@@ -25,15 +25,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-logger = logging.getLogger(__name__)
+from kempnerforge.nccl import NCCL_SAFE_DEFAULTS
 
-# NVLink multicast (NVLS) is off by default: it needs fabric-manager support that shared
-# clusters often lack, and a failure there hangs the first collective. Users may override.
-_NCCL_SAFE_DEFAULTS = {
-    "NCCL_NVLS_ENABLE": "0",
-    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-    "NVSHMEM_DISABLE_NVLS": "1",
-}
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -184,7 +178,7 @@ def setup(cfg: DistributedConfig) -> tuple[WorldInfo, torch.device]:
     info = world_info()
     device = resolve_device(cfg, info)
     if device.type == "cuda":
-        for k, v in _NCCL_SAFE_DEFAULTS.items():
+        for k, v in NCCL_SAFE_DEFAULTS.items():
             os.environ.setdefault(k, v)
         if cfg.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -212,8 +206,10 @@ def setup(cfg: DistributedConfig) -> tuple[WorldInfo, torch.device]:
 def shutdown() -> None:
     """Leave the process group cleanly.
 
-    ``gc.collect()`` first: FSDP2 + gloo processes otherwise abort at interpreter exit in a
-    good fraction of runs ("terminate called without an active exception").
+    ``gc.collect()`` first, so objects held only by reference cycles (FSDP2 state, groups) are
+    freed now rather than during interpreter finalization. It does not stop the abort at exit
+    ("terminate called without an active exception"): that came from a checkpoint thread still
+    freeing tensors at finalization; ``CheckpointManager.close()`` joins its threads for that.
     """
     gc.collect()
     if dist.is_initialized():

@@ -40,6 +40,8 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+from kempnerforge.nccl import apply_safe_defaults
+
 logger = logging.getLogger("kempnerforge.launch")
 
 EXIT_REQUEUE = 75  # the training's "run me again"
@@ -182,6 +184,7 @@ class TrainTask:
         job_id = str(jenv.job_id)
         restart = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
         env = dict(os.environ)
+        apply_safe_defaults(env)  # NVLink multicast off unless the user set it
         env.update(
             RANK=str(jenv.global_rank),
             WORLD_SIZE=str(jenv.num_tasks),
@@ -471,6 +474,7 @@ def run_local(args: argparse.Namespace, cfg: Any) -> int:
             env = dict(os.environ)
             for k in [k for k in env if k.startswith("SLURM_")]:
                 del env[k]  # a local run inside an allocation is still a local run
+            apply_safe_defaults(env)  # NVLink multicast off unless the user set it
             env.update(
                 RANK=str(rank),
                 WORLD_SIZE=str(nprocs),

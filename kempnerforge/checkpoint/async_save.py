@@ -293,6 +293,12 @@ class _Worker:
 
     A daemon thread (not a ThreadPoolExecutor) so a save stuck in a collective cannot block
     interpreter exit; callers that need durability call ``wait()`` (the contract says so).
+
+    ``stop()`` joins the thread. It must not still be running Python code when the interpreter
+    finalizes: a daemon thread that reacquires the GIL then is ended with ``pthread_exit``, whose
+    forced unwind aborts the process ("terminate called without an active exception") when it
+    meets a C++ frame, e.g. torch freeing a tensor with the GIL released. That is what freeing
+    the last job's closure (it holds the staged state dict) did after a run had returned.
     """
 
     def __init__(self, name: str) -> None:
@@ -310,13 +316,34 @@ class _Worker:
             fn, fut = self._q.get()
             if fn is None:
                 return
+            ok, value = True, None
             try:
-                fut.set_result(fn())
+                value = fn()
             except BaseException as e:  # DCP's CheckpointException is a BaseException
-                fut.set_exception(e)
+                ok, value = False, e
+            # Free the job (its closure holds the staged tensors) before the caller hears back,
+            # so nothing is left for this thread to free once the caller moved on.
+            del fn
+            if ok:
+                fut.set_result(value)
+            else:
+                fut.set_exception(value)
+            del fut, value
 
-    def stop(self) -> None:
+    def stop(self, timeout: float | None = 60.0) -> bool:
+        """End the thread after the jobs already queued; wait up to ``timeout`` s for it to end.
+
+        ``timeout=0`` does not wait (a preempted job on its way out through ``os._exit``).
+        Returns whether the thread has ended.
+        """
         self._q.put((None, None))
+        if timeout == 0:
+            return not self._t.is_alive()
+        self._t.join(timeout)
+        if self._t.is_alive():
+            logger.warning("background thread %s did not end within %ss", self._t.name, timeout)
+            return False
+        return True
 
 
 def gloo_group_like(process_group: Any | None) -> Any | None:
@@ -574,13 +601,16 @@ class AsyncCheckpointer:
             ) from e
 
     def close(self) -> None:
-        """Drain (raising a failure) and stop the worker thread."""
+        """Drain (raising a failure), stop the worker thread and wait for it to end."""
+        fut = self._pending
         try:
             self.wait()
         finally:
             self._copy_event = None  # the job synchronized on it
             if self._worker is not None:
-                self._worker.stop()
+                # joined unless a save is still running (the wait above was interrupted)
+                idle = fut is None or fut.done()
+                self._worker.stop(timeout=None if idle else 0)
                 self._worker = None
             if self._stager is not None:
                 self._stager.close()

@@ -377,9 +377,8 @@ class CheckpointManager:
             self._hooks = []
             self._defer_copy = False
             if self._janitor is not None:
-                if wait_for_trash:
-                    self._janitor.submit(lambda: None).result()
-                self._janitor.stop()
+                # joined (after the queued deletions) so it is not running at interpreter exit
+                self._janitor.stop(timeout=None if wait_for_trash else 0)
                 self._janitor = None
             if self._lock is not None:
                 self._lock.release()
