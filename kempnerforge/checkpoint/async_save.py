@@ -26,6 +26,7 @@ import os
 import queue
 import threading
 import time
+import uuid
 import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,6 +37,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultSavePlanner
 
 from kempnerforge.checkpoint.config import AsyncCheckpointMode
 from kempnerforge.checkpoint.guards import describe_failure, diagnose_write_failure
@@ -404,6 +406,7 @@ class AsyncCheckpointer:
         self._pending: Future | None = None
         self._pending_desc = ""
         self._groups: dict[Any, Any] = {}
+        self._uid = uuid.uuid4().hex[:12]
         self.last_stats = SaveStats()
 
     @property
@@ -561,6 +564,22 @@ class AsyncCheckpointer:
         stats.blocked_s = time.perf_counter() - t0  # before submit: the worker may log it
         self._pending = self._worker.submit(job)
 
+    def _planner(self, group: Any) -> Any:
+        """DCP's default save planner, caching its plans between saves where this torch can.
+
+        Every save of a job has the same plan, and building the global one on rank 0 (a
+        dataclass copy per tensor) runs in the background thread, competing with the training
+        loop for the interpreter lock. DCP keys its cache by name, process-wide: each
+        checkpointer and group gets its own key. A changed state dict is detected by DCP (it
+        compares the local plans) and re-planned.
+        """
+        try:
+            planner = DefaultSavePlanner(enable_plan_caching=True)
+        except TypeError:  # pragma: no cover - torch without plan caching
+            return DefaultSavePlanner()
+        planner._cached_plans_key = f"kempnerforge-{self._uid}-{id(group)}"
+        return planner
+
     def _run(
         self,
         state_dict: dict[str, Any],
@@ -582,7 +601,13 @@ class AsyncCheckpointer:
                 if fs is not None:
                     writer.fs = fs
             no_dist = not (dist.is_available() and dist.is_initialized())
-            dcp.save(state_dict, storage_writer=writer, process_group=group, no_dist=no_dist)
+            dcp.save(
+                state_dict,
+                storage_writer=writer,
+                planner=self._planner(group),
+                process_group=group,
+                no_dist=no_dist,
+            )
             if on_written is not None:
                 on_written(group)
         except BaseException as e:
@@ -600,6 +625,16 @@ class AsyncCheckpointer:
                 f"{diagnose_write_failure(checkpoint_id, _tensor_bytes(state_dict))}"
             ) from e
 
+    def _forget_plans(self) -> None:
+        """Drop this checkpointer's entries from DCP's process-wide plan caches."""
+        from torch.distributed.checkpoint.planner import SavePlanner
+
+        prefix = f"kempnerforge-{self._uid}-"
+        for name, cache in vars(SavePlanner).items():
+            if name.startswith("_cached") and isinstance(cache, dict):
+                for k in [k for k in cache if isinstance(k, str) and k.startswith(prefix)]:
+                    del cache[k]
+
     def close(self) -> None:
         """Drain (raising a failure), stop the worker thread and wait for it to end."""
         fut = self._pending
@@ -614,6 +649,7 @@ class AsyncCheckpointer:
                 self._worker = None
             if self._stager is not None:
                 self._stager.close()
+            self._forget_plans()
 
 
 def _current_cuda_device() -> int | None:

@@ -138,6 +138,96 @@ def _zip_crc32_off() -> Iterator[None]:
                 set_(_crc_saved)
 
 
+def _settings_key() -> tuple:
+    """What besides the tensor shapes torch.save's framing bytes: its process-wide settings."""
+    try:
+        from torch.utils.serialization import config
+
+        return tuple(sorted((k, repr(v)) for k, v in vars(config.save).items() if k[0] != "_"))
+    except Exception:  # pragma: no cover - older torch: the CRC switch is all there is
+        get = getattr(torch.serialization, "get_crc32_options", None)
+        return (("crc32", get() if get else None),)
+
+
+class _Capture:
+    """Forwards torch.save's writes to ``out`` and keeps every byte except the tensor's data."""
+
+    def __init__(self, out: _HashedFd, data_ptr: int, nbytes: int) -> None:
+        self.out, self.data_ptr, self.nbytes = out, data_ptr, nbytes
+        self.before: list[bytes] = []
+        self.after: list[bytes] = []
+        self.data_writes = 0
+
+    def write(self, b: Any) -> int:
+        mv = memoryview(b)
+        if mv.ndim != 1 or mv.itemsize != 1:
+            mv = mv.cast("B")
+        if len(mv) == self.nbytes and _address(mv) == self.data_ptr:
+            self.data_writes += 1
+        else:
+            (self.after if self.data_writes else self.before).append(bytes(mv))
+        return self.out.write(mv)
+
+    def tell(self) -> int:
+        return self.out.tell()
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+def _address(mv: memoryview) -> int:
+    import numpy as np
+
+    return int(np.frombuffer(mv, dtype=np.uint8).ctypes.data) if len(mv) else -1
+
+
+class _TorchSaveTemplates:
+    """torch.save's bytes around a tensor's data, learned from one real torch.save per kind.
+
+    With the zip CRC off, ``torch.save`` of a contiguous tensor writes the same bytes before and
+    after the data for every tensor of the same dtype, shape and stride: the pickle, the zip
+    headers and the central directory describe the tensor, not its values. Every save writes
+    hundreds of tensors again, and a real ``torch.save`` (a pickler, a zip writer, a dozen records)
+    holds the interpreter lock that the training loop needs; after the first save a tensor costs
+    three writes. A kind whose data write cannot be told apart keeps using ``torch.save``.
+    """
+
+    def __init__(self) -> None:
+        self._known: dict[tuple, tuple[bytes, bytes] | None] = {}
+
+    def write(self, t: torch.Tensor, stream: _HashedFd) -> None:
+        nbytes = t.numel() * t.element_size()
+        plain = (
+            nbytes > 0
+            and type(t) is torch.Tensor
+            and t.layout == torch.strided
+            and not t.is_quantized
+            and t.is_contiguous()
+            and t.storage_offset() == 0
+        )
+        if not plain:
+            torch.save(t, stream)
+            return
+        key = (t.dtype, tuple(t.shape), tuple(t.stride()), t.requires_grad, _settings_key())
+        if key in self._known:
+            tpl = self._known[key]
+            if tpl is None:
+                torch.save(t, stream)
+                return
+            stream.write(tpl[0])
+            stream.write(t.reshape(-1).view(torch.uint8).numpy())
+            stream.write(tpl[1])
+            return
+        cap = _Capture(stream, t.data_ptr(), nbytes)
+        torch.save(t, cap)
+        self._known[key] = (
+            (b"".join(cap.before), b"".join(cap.after)) if cap.data_writes == 1 else None
+        )
+
+
+_TEMPLATES = _TorchSaveTemplates()  # process-wide: every save of a job writes the same kinds
+
+
 def _item_bytes(item: Any) -> int:
     td = getattr(item, "tensor_data", None)
     if td is None:
@@ -219,7 +309,7 @@ class StagedFileWriter(FileSystemWriter):
                         t.untyped_storage().nbytes() != t.numel() * t.element_size()
                     ):
                         t = t.clone(memory_format=torch.contiguous_format)  # save only its bytes
-                    torch.save(t, stream)
+                    _TEMPLATES.write(t, stream)
                 length = stream.n - offset
                 results.append(
                     WriteResult(

@@ -109,3 +109,34 @@ def test_assign_files_balances_bytes() -> None:
     loads = [sum(it.tensor_data.size.numel() for it in g if it.tensor_data) for g in groups]
     assert max(loads) <= 1.1 * sum(loads) / 3, loads  # greedy largest-first: near the even split
     assert len(assign_files(list(plan.items), 64)) == len(plan.items)  # no empty files
+
+
+def test_later_saves_write_the_same_bytes_without_torch_save(tmp_path: Path) -> None:
+    """After the first save, tensors are framed from learned templates: the files must be
+    byte-identical to the first save's, and new values must load back exactly."""
+    from kempnerforge.checkpoint import writer
+
+    sd = _state()
+    sd["fresh_kind"] = torch.randn(11, 13, 17)  # a kind no earlier test saved
+    dcp.save(sd, storage_writer=StagedFileWriter(tmp_path / "a", thread_count=2), no_dist=True)
+    key_dtypes = {k[0] for k, v in writer._TEMPLATES._known.items() if v is not None}
+    assert {torch.float32, torch.bfloat16, torch.int64} <= key_dtypes  # data writes recognised
+    calls = []
+    real_save = torch.save
+    torch.save = lambda *a, **k: (calls.append(a), real_save(*a, **k))[1]  # count, still save
+    try:
+        dcp.save(sd, storage_writer=StagedFileWriter(tmp_path / "b", thread_count=2),
+                 no_dist=True)
+    finally:
+        torch.save = real_save
+    tensor_calls = [a for a in calls if isinstance(a[0], torch.Tensor) and a[0].numel() > 0]
+    assert tensor_calls == [], f"{len(tensor_calls)} tensors still went through torch.save"
+    for f in sorted((tmp_path / "a").glob("*.distcp")):
+        assert f.read_bytes() == (tmp_path / "b" / f.name).read_bytes(), f.name
+
+    sd2 = {k: (v * 3 if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+           for k, v in sd.items()}
+    dcp.save(sd2, storage_writer=StagedFileWriter(tmp_path / "c", thread_count=3), no_dist=True)
+    out = _blank(sd2)
+    dcp.load(out, storage_reader=FileSystemReader(tmp_path / "c"), no_dist=True)
+    _equal(sd2, out)
