@@ -19,22 +19,7 @@ cd "$REPO"
 WORK=$(mktemp -d /tmp/kf-gpu-session-XXXX)
 
 # -- packages -------------------------------------------------------------------------------
-if ls .whl/*.whl >/dev/null 2>&1; then
-  missing=$($PY - <<'EOF'
-import importlib.util as u, glob, os
-mods = {"xxhash": "xxhash", "PyYAML": "yaml", "pytest": "pytest", "pluggy": "pluggy",
-        "iniconfig": "iniconfig", "packaging": "packaging"}
-need = [w for w in glob.glob(".whl/*.whl")
-        if (m := mods.get(os.path.basename(w).split("-")[0])) and u.find_spec(m) is None]
-print(" ".join(need))
-EOF
-)
-  if [ -n "$missing" ]; then
-    echo "installing: $missing"
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site $missing
-  fi
-fi
-export PYTHONPATH=/tmp/site:$REPO${PYTHONPATH:+:$PYTHONPATH}
+source "$REPO/bench/session_packages.sh"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PY -c "import torch, sys; print('torch', torch.__version__, 'python', sys.version.split()[0], 'cuda', torch.cuda.is_available())"
 

@@ -41,22 +41,7 @@ WORK=$(mktemp -d /tmp/kf-mgpu-session-XXXX)
 exec > >(tee -a "$OUT/session.log") 2>&1
 
 # -- packages -------------------------------------------------------------------------------
-if ls .whl/*.whl >/dev/null 2>&1; then
-  missing=$($PY - <<'EOF'
-import importlib.util as u, glob, os
-mods = {"xxhash": "xxhash", "PyYAML": "yaml", "pytest": "pytest", "pluggy": "pluggy",
-        "iniconfig": "iniconfig", "packaging": "packaging"}
-need = [w for w in glob.glob(".whl/*.whl")
-        if (m := mods.get(os.path.basename(w).split("-")[0])) and u.find_spec(m) is None]
-print(" ".join(need))
-EOF
-)
-  if [ -n "$missing" ]; then
-    echo "installing: $missing"
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site $missing
-  fi
-fi
-export PYTHONPATH=/tmp/site:$REPO${PYTHONPATH:+:$PYTHONPATH}
+source "$REPO/bench/session_packages.sh"
 
 # -- device, GPU count, config ----------------------------------------------------------------
 if [ "$DEV" = cpu ]; then

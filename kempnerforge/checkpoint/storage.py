@@ -283,6 +283,12 @@ def manifest_entries(
     return out
 
 
+def byte_view(b: Any) -> memoryview:
+    """A flat byte view of any buffer a stream is handed (bytes, memoryview, numpy array)."""
+    mv = memoryview(b)
+    return mv if mv.ndim == 1 and mv.itemsize == 1 else mv.cast("B")
+
+
 class _HashingStream(io.RawIOBase):
     """A write-only stream that hashes every byte on its way to the file.
 
@@ -304,9 +310,7 @@ class _HashingStream(io.RawIOBase):
         return True
 
     def write(self, b: Any) -> int:
-        mv = memoryview(b)
-        if mv.ndim != 1 or mv.itemsize != 1:
-            mv = mv.cast("B")
+        mv = byte_view(b)
         n = self._raw.write(mv)
         n = len(mv) if n is None else n
         if n != len(mv):

@@ -34,6 +34,8 @@ import xxhash
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.futures import Future
 
+from kempnerforge.checkpoint.storage import byte_view
+
 logger = logging.getLogger(__name__)
 
 try:  # private names of DCP's filesystem backend; missing -> fall back to FileSystemWriter
@@ -69,9 +71,7 @@ class _HashedFd(io.RawIOBase):
         return True
 
     def write(self, b: Any) -> int:
-        mv = memoryview(b)
-        if mv.ndim != 1 or mv.itemsize != 1:
-            mv = mv.cast("B")
+        mv = byte_view(b)
         total = len(mv)
         if total < _SMALL:
             self.h.update(mv)
@@ -159,9 +159,7 @@ class _Capture:
         self.data_writes = 0
 
     def write(self, b: Any) -> int:
-        mv = memoryview(b)
-        if mv.ndim != 1 or mv.itemsize != 1:
-            mv = mv.cast("B")
+        mv = byte_view(b)
         if len(mv) == self.nbytes and _address(mv) == self.data_ptr:
             self.data_writes += 1
         else:
