@@ -99,10 +99,14 @@ def test_partition_preemption(slurm_cluster, reference, tmp_path):
 
 
 def test_time_limit_signal(slurm_cluster, reference, tmp_path):
-    """`--time 1`: SLURM sends USR1 15-38 s before the limit; the job saves and requeues itself
-    (SLURM never requeues a TIMEOUT). The tasks are frozen with SIGSTOP after a few steps so the
-    run cannot finish first; the time-limit signal comes with SIGCONT."""
-    job = submit(_submit_args(tmp_path, "timelimit", "--time", "1", "--signal-lead", "30"))
+    """`--time 1`: SLURM sends USR1 around `--signal-lead` before the limit; the job saves and
+    requeues itself (SLURM never requeues a TIMEOUT). The tasks are frozen with SIGSTOP after a
+    few steps so the run cannot finish first; the time-limit signal comes with SIGCONT.
+
+    slurmctld checks time limits periodically and may send the signal up to ~30 s earlier than
+    the lead: with a 60 s limit a 30 s lead can fire at start, before the task has a handler
+    (it then dies of USR1). A 20 s lead fires no earlier than ~10 s into the job."""
+    job = submit(_submit_args(tmp_path, "timelimit", "--time", "1", "--signal-lead", "20"))
     m = tmp_path / "run" / "metrics.jsonl"
     wait_until("3 steps", lambda: n_metrics(m) >= 3, 180, job)
     signal_job(job, "STOP")
