@@ -743,7 +743,7 @@ def main(argv: list[str] | None = None) -> int:
     # Resume costs two fresh processes per size; the smoke measures it once.
     args.resume_sizes = {sizes[-1].name} if args.smoke else {s.name for s in sizes}
     # Baselines are the slowest part (torch.save alone runs at a fraction of the disk floor); on
-    # CUDA they run for all but the 757M size so four sizes of our figures fit one lease.
+    # CUDA they run for all but the 757M size so four sizes of our figures fit one time-boxed run.
     args.baseline_sizes = {s.name for s in sizes} - (
         {"gpt-757m"} if device.type == "cuda" and not args.all_baselines else set()
     )

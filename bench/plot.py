@@ -1,7 +1,7 @@
 """Plot blocking time and time-to-durable versus state size, against the floors of the same run.
 
 Usage: ``python bench/plot.py OUT.png RESULTS.json [MORE.json ...]`` (the benchmark calls
-``plot()`` itself). Several result files (e.g. two leases of one machine kind) are merged: a size
+``plot()`` itself). Several result files (e.g. two runs on one machine kind) are merged: a size
 measured in more than one keeps the later file's row, and each file's floors are drawn.
 """
 
