@@ -16,7 +16,7 @@ T0=$(date +%s)
 left() { echo $((TOTAL_S - ($(date +%s) - T0))); }
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 cd "$REPO"
-WORK=$(mktemp -d /tmp/kf-gpu-session-XXXX)
+WORK=$(mktemp -d -t kempnerforge-gpu-session-XXXX)
 
 # -- packages -------------------------------------------------------------------------------
 source "$REPO/bench/session_packages.sh"

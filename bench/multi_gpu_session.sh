@@ -37,7 +37,7 @@ left() { echo $((TOTAL_S - ($(date +%s) - T0))); }
 box() { local b=$(( $(left) - $2 )); [ "$b" -gt "$1" ] && b=$1; [ "$b" -lt 1 ] && b=1; echo $b; }
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 cd "$REPO"
-WORK=$(mktemp -d /tmp/kf-mgpu-session-XXXX)
+WORK=$(mktemp -d -t kempnerforge-mgpu-session-XXXX)
 exec > >(tee -a "$OUT/session.log") 2>&1
 
 # -- packages -------------------------------------------------------------------------------
