@@ -4,14 +4,19 @@ The files are what ``FileSystemWriter`` produces and ``FileSystemReader`` / ``dc
 ``__{rank}_{i}.distcp`` with one ``torch.save`` record per tensor and the pickled ``.metadata``.
 Only the way bytes reach the disk differs:
 
-- each writer thread owns one file and writes it through a raw file descriptor in fixed-size
-  pieces; every piece is hashed (xxh3_64, for the manifest) right before it is written, while it
-  is still in the CPU cache, so the manifest costs no second pass over memory and no re-read;
+- each writer thread owns one file and writes it through a raw file descriptor: tensor data in
+  16 MiB pieces, each hashed (xxh3_64, for the manifest) right before it is written, while it is
+  in the CPU cache, so the manifest costs no second pass over memory and no re-read; the small
+  records around the data are gathered into one write;
 - ``torch.save`` runs without its zip CRC32: the manifest's checksums already cover every byte
   (``torch.load`` does not need the CRC). ``torch.serialization``'s CRC switch is process-wide,
   so it is off only while a save writes and is restored afterwards;
+- without the CRC, the bytes ``torch.save`` writes around a tensor's data depend only on the
+  tensor's kind (dtype, shape, stride), so they are learned once per kind and reused
+  (:class:`_TorchSaveTemplates`): later saves write the same files without a pickler per tensor
+  holding the interpreter lock the training loop needs;
 - records are assigned to files largest first onto the least-loaded file, so the threads finish
-  together (DCP does the same, but without splitting the work of one thread over two files).
+  together.
 
 Anything this torch does not provide (private DCP names move between releases) makes
 :func:`make_writer` fall back to DCP's own ``FileSystemWriter``: slower, same format.
@@ -233,7 +238,7 @@ def _item_bytes(item: Any) -> int:
     n = 1
     for s in td.size:
         n *= s
-    return n * torch.empty((), dtype=td.properties.dtype).element_size()
+    return n * td.properties.dtype.itemsize
 
 
 def assign_files(items: list[Any], files: int) -> list[list[Any]]:
@@ -243,10 +248,11 @@ def assign_files(items: list[Any], files: int) -> list[list[Any]]:
     files = max(1, files)
     out: list[list[Any]] = [[] for _ in range(files)]
     loads = [0] * files
-    for it in sorted(items, key=lambda it: max(1, _item_bytes(it)), reverse=True):
+    weighed = sorted(((max(1, _item_bytes(it)), k, it) for k, it in enumerate(items)), reverse=True)
+    for w, _, it in weighed:
         i = loads.index(min(loads))
         out[i].append(it)
-        loads[i] += max(1, _item_bytes(it))
+        loads[i] += w
     return [b for b in out if b]
 
 
