@@ -322,6 +322,8 @@ def _exit_now(code: int) -> None:
 def main(argv: list[str] | None = None, *, exit_when_preempted: bool = False) -> int:
     """Run one job. ``exit_when_preempted`` (the command line): after a preemption save, exit the
     process directly instead of returning (see ``_exit_now``)."""
+    global _preempted
+    _preempted = False
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
