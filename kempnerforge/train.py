@@ -54,6 +54,10 @@ from kempnerforge.resilience.watchdog import SaveWatchdog
 
 logger = logging.getLogger("kempnerforge.train")
 
+# Set once the preemption path finished: `latest` is durable, the requeue is decided and every rank
+# passed the barrier. Nothing is left that teardown could save; see `_exit_now`.
+_preempted = False
+
 
 # --------------------------------------------------------------------------- small helpers
 
@@ -298,11 +302,6 @@ def _train(
     global _preempted
     _preempted = True
     return code
-
-
-# Set once the preemption path finished: `latest` is durable, the requeue is decided and every rank
-# passed the barrier. Nothing is left that teardown could save; see `_exit_now`.
-_preempted = False
 
 
 def _exit_now(code: int) -> None:

@@ -198,7 +198,8 @@ class _TorchSaveTemplates:
     def __init__(self) -> None:
         self._known: dict[tuple, tuple[bytes, bytes] | None] = {}
 
-    def write(self, t: torch.Tensor, stream: _HashedFd) -> None:
+    def write(self, t: torch.Tensor, stream: _HashedFd, settings: tuple) -> None:
+        """Write ``t`` as ``torch.save`` would; ``settings`` is ``_settings_key()`` of this save."""
         nbytes = t.numel() * t.element_size()
         plain = (
             nbytes > 0
@@ -211,7 +212,7 @@ class _TorchSaveTemplates:
         if not plain:
             torch.save(t, stream)
             return
-        key = (t.dtype, tuple(t.shape), tuple(t.stride()), t.requires_grad, _settings_key())
+        key = (t.dtype, tuple(t.shape), tuple(t.stride()), t.requires_grad, settings)
         if key in self._known:
             tpl = self._known[key]
             if tpl is None:
@@ -279,22 +280,24 @@ class StagedFileWriter(FileSystemWriter):
         fut: Future = Future()
         try:
             with _zip_crc32_off():
-                if len(groups) <= 1:
-                    results = [
-                        self._write_file(n, g, planner) for n, g in zip(names, groups, strict=True)
-                    ]
+                settings = _settings_key()  # fixed for the whole save: read once, not per tensor
+                jobs = [(n, g, planner, settings) for n, g in zip(names, groups, strict=True)]
+                if len(jobs) <= 1:
+                    results = [self._write_file(*job) for job in jobs]
                 else:
                     with ThreadPoolExecutor(
-                        len(groups), thread_name_prefix="kempnerforge-write"
+                        len(jobs), thread_name_prefix="kempnerforge-write"
                     ) as pool:
-                        results = list(pool.map(self._write_file, names, groups, [planner] * len(groups)))
+                        results = list(pool.map(lambda job: self._write_file(*job), jobs))
         except BaseException as e:
             fut.set_exception(e)
             return fut
         fut.set_result([r for rs in results for r in rs])
         return fut
 
-    def _write_file(self, name: str, items: list[Any], planner: Any) -> list[Any]:
+    def _write_file(
+        self, name: str, items: list[Any], planner: Any, settings: tuple
+    ) -> list[Any]:
         path = Path(self.path) / name
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o600)
         results = []
@@ -313,7 +316,7 @@ class StagedFileWriter(FileSystemWriter):
                         t.untyped_storage().nbytes() != t.numel() * t.element_size()
                     ):
                         t = t.clone(memory_format=torch.contiguous_format)  # save only its bytes
-                    _TEMPLATES.write(t, stream)
+                    _TEMPLATES.write(t, stream, settings)
                 length = stream.n - offset
                 results.append(
                     WriteResult(

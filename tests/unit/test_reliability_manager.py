@@ -74,6 +74,17 @@ def _env(run_id: str) -> dict[str, str]:
     return env
 
 
+def _run_saver(d: Path, mode: str, step: int, run_id: str) -> subprocess.CompletedProcess:
+    """One SAVER process to completion, as job ``run_id``."""
+    return subprocess.run(
+        [sys.executable, "-c", SAVER, str(d), mode, str(step)],
+        capture_output=True,
+        text=True,
+        env=_env(run_id),
+        timeout=120,
+    )
+
+
 def test_second_job_refused_reader_unaffected_killed_holder_released(tmp_path: Path) -> None:
     d = tmp_path / "ckpt"
     holder = subprocess.Popen(
@@ -84,35 +95,17 @@ def test_second_job_refused_reader_unaffected_killed_holder_released(tmp_path: P
     )
     try:
         assert holder.stdout.readline().strip() == "SAVED"
-        second = subprocess.run(
-            [sys.executable, "-c", SAVER, str(d), "once", "6"],
-            capture_output=True,
-            text=True,
-            env=_env("job-two"),
-            timeout=120,
-        )
+        second = _run_saver(d, "once", 6, "job-two")
         assert second.returncode != 0
         assert "CheckpointDirLockedError" in second.stderr and "job 'job-one'" in second.stderr
         assert f"pid {holder.pid}" in second.stderr
         assert os.readlink(d / "latest") == "step_5" and not (d / "step_6").exists()
-        reader = subprocess.run(
-            [sys.executable, "-c", SAVER, str(d), "load", "0"],
-            capture_output=True,
-            text=True,
-            env=_env("job-three"),
-            timeout=120,
-        )
+        reader = _run_saver(d, "load", 0, "job-three")
         assert reader.returncode == 0 and "LOADED 5" in reader.stdout, reader.stderr
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    again = subprocess.run(
-        [sys.executable, "-c", SAVER, str(d), "once", "7"],
-        capture_output=True,
-        text=True,
-        env=_env("job-four"),
-        timeout=120,
-    )
+    again = _run_saver(d, "once", 7, "job-four")
     assert again.returncode == 0, again.stderr  # the SIGKILLed holder did not lock it forever
     assert os.readlink(d / "latest") == "step_7"
 
