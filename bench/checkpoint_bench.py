@@ -9,11 +9,15 @@ in the same minutes (shared nodes and filesystems drift by 2x within an hour). S
 first measures the floors (host memcpy, pinned device-to-host on CUDA, fsync'd write with 1/4/8
 writer threads, cold read), then for several state sizes (a GPT + AdamW) measures:
 
+- the fsync'd write of exactly the state's bytes with the best thread count, right before our
+  saves (a drive's write cache makes the general floor's shorter write faster than a checkpoint's;
+  ``--no-size-floor`` skips it and judges against the general floor);
 - our ``CheckpointManager`` save: caller blocked, save call to durable ``latest``, whether later
   saves touch new host memory (page faults), and the manager's own telemetry;
 - the same state with ``torch.save``, DCP ``save`` and DCP ``async_save`` (defaults);
 - resume: process start to first step after ``load()``, against a cold start without checkpoint;
-- steady-state training throughput with an async save every N steps vs none;
+- steady-state training throughput with an async save every N steps vs none (each save in the
+  middle of its interval, so its copy and flush overlap later steps as in a run that goes on);
 - preemption: SIGUSR1 to exit with a durable ``latest``.
 
 It prints tables with ratios and targets, writes JSON (``--out``) after every stage (so a run cut
@@ -80,6 +84,9 @@ TARGETS = {
     "preempt_slack_s": 2.0,
     "resume_ratio": 1.5,
 }
+# After the size-matched write floor and before our first save: the drive may still be draining
+# its write cache, and our save would pay for the floor's bytes.
+SIZE_FLOOR_PAUSE_S = 2.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,6 +202,18 @@ def measure_resume(
 # ---------------------------------------------------------------------------------------------
 # Steady-state throughput
 # ---------------------------------------------------------------------------------------------
+def save_steps(steps: int, interval: int) -> list[int]:
+    """The steps (1-based) of an arm that save: the middle of each whole interval.
+
+    In a run that goes on, a save's device-to-host copy and flush overlap the steps after it. A
+    save on an arm's last step would instead be waited for by the arm's closing synchronize, and
+    the arm would time an edge effect of the benchmark, not the steady state. So an arm of
+    ``interval * k`` steps carries exactly ``k`` saves (``step % interval == interval // 2``),
+    none on its last step (for ``interval`` >= 2); steps past the last whole interval save nothing.
+    """
+    return [k * interval + max(interval // 2, 1) for k in range(steps // interval)]
+
+
 def measure_throughput(
     model: gpt.GPT,
     opt: torch.optim.Optimizer,
@@ -209,11 +228,14 @@ def measure_throughput(
 ) -> dict[str, Any]:
     """Training steps/s with an async save every ``interval`` steps vs none, same model, same run.
 
-    Both arms run ``interval * intervals`` steps; the saving arm saves at every multiple of
-    ``interval`` (so each interval carries one save's blocking and its flush overlaps the next
-    interval's steps). The loss is read every 10 steps, as a logging loop would. With
-    ``reps`` > 1 the arms alternate (none, save, none, save, ...) and each arm's best is kept: on a
-    shared machine a neighbour's burst otherwise lands in one arm only.
+    Both arms run ``interval * intervals`` steps; the saving arm saves in the middle of each
+    interval (``save_steps``), so each interval carries one save's blocking and its copy and flush
+    overlap the steps after it, as in a run that goes on, instead of the arm's closing synchronize
+    waiting for a save made on its last step. The loss is read every 10 steps, as a logging loop
+    would, and the wall time of each such 10-step window is recorded (``windows_*_s``: where in
+    the interval the time goes). With ``reps`` > 1 the arms alternate (none, save, none, save,
+    ...) and each arm's best is kept: on a shared machine a neighbour's burst otherwise lands in
+    one arm only.
     """
     from kempnerforge.checkpoint import CheckpointManager
     from kempnerforge.config import CheckpointConfig
@@ -221,22 +243,27 @@ def measure_throughput(
     device = next(model.parameters()).device
     data = gpt.make_batch(size, batch, seq, device)
     n = interval * intervals
+    due = set(save_steps(n, interval))
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    def arm(mgr: Any) -> float:
+    def arm(mgr: Any) -> tuple[float, list[float]]:
+        windows: list[float] = []  # seconds per 10 steps
         sync()
-        t0 = time.perf_counter()
+        t0 = t_win = time.perf_counter()
         for step in range(1, n + 1):
             loss = gpt.train_step(model, opt, data)
             if step % 10 == 0:
-                loss.item()
-            if mgr is not None and step % interval == 0:
+                loss.item()  # synchronizes: the window's time is the device's too
+                now = time.perf_counter()
+                windows.append(now - t_win)
+                t_win = now
+            if mgr is not None and step in due:
                 mgr.save(step)
         sync()
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, windows
 
     for _ in range(5):  # warm-up: kernels, allocator, autotuning
         gpt.train_step(model, opt, data)
@@ -250,12 +277,13 @@ def measure_throughput(
     )
     mgr.save(0)  # steady state: the first save's one-off work (plans, framing) is not timed
     mgr.wait()
-    nones, saves = [], []
+    nones: list[tuple[float, list[float]]] = []
+    saves: list[tuple[float, list[float]]] = []
     for _ in range(reps):
         nones.append(arm(None))
         saves.append(arm(mgr))
         mgr.wait()  # the last save's flush must not spill into the next no-save arm
-    t_none, t_save = min(nones), min(saves)
+    (t_none, win_none), (t_save, win_save) = (min(x, key=lambda r: r[0]) for x in (nones, saves))
     t0 = time.perf_counter()
     mgr.wait()
     tail = time.perf_counter() - t0
@@ -269,11 +297,15 @@ def measure_throughput(
         "interval": interval,
         "steps_per_arm": n,
         "tokens_per_step": batch * seq,
+        "save_steps": sorted(due),
         "no_save_s": t_none,
         "with_save_s": t_save,
-        "no_save_s_all": nones,
-        "with_save_s_all": saves,
+        "no_save_s_all": [t for t, _ in nones],
+        "with_save_s_all": [t for t, _ in saves],
+        "windows_none_s": win_none,  # of the best rep of each arm
+        "windows_save_s": win_save,
         "step_s_no_save": t_none / n,
+        "excess_per_save_s": (t_save - t_none) / len(due) if due else None,
         "final_wait_s": tail,
         "throughput_ratio": t_none / t_save,
     }
@@ -282,6 +314,25 @@ def measure_throughput(
 # ---------------------------------------------------------------------------------------------
 # One state size
 # ---------------------------------------------------------------------------------------------
+def size_floor(root: Path, nbytes: int, threads: int) -> dict[str, Any]:
+    """The fsync'd-write floor at exactly this state's size, taken right before our saves.
+
+    The general floor is measured once on fewer bytes, and a drive's write cache makes that
+    faster than a checkpoint-sized write; this one is the floor a save of ``nbytes`` can reach.
+    Then ``os.sync()`` and a pause, so our first save does not wait for the floor's bytes.
+    """
+    try:
+        out: dict[str, Any] = dict(floors.write_floor(root / "size_floor", nbytes, threads))
+    except Exception as e:
+        logger.exception("size-matched write floor failed")
+        out = {"bytes": nbytes, "threads": threads, "error": f"{type(e).__name__}: {e}"[:800]}
+    os.sync()
+    time.sleep(SIZE_FLOOR_PAUSE_S)
+    out["pause_s"] = SIZE_FLOOR_PAUSE_S
+    logger.info("fsync'd write floor at %.3f GB: %s", nbytes / GB, out)
+    return out
+
+
 def run_size(
     size: gpt.GPTSize,
     device: torch.device,
@@ -306,6 +357,14 @@ def run_size(
     logger.info("size %s: %.3f GB in %d tensors", size.name, nbytes / GB, row["state_tensors"])
 
     modes = args.modes or (["async_with_pinned_mem"] if device.type == "cuda" else ["async"])
+    if args.size_floor:
+        if budget.allows(write_s + SIZE_FLOOR_PAUSE_S + args.saves * (2 * write_s + 2) + 30):
+            row["write_floor_at_size"] = size_floor(root, nbytes, fl["write_fsync_best_threads"])
+            write_s = (
+                nbytes / (row["write_floor_at_size"].get("gbps") or fl["write_fsync_gbps"]) / GB
+            )
+        else:
+            row["skipped"].append("size_floor")
     row["ours"] = {}
     for mode in modes:
         if not budget.allows(args.saves * (2 * write_s + 2) + 30):
@@ -429,10 +488,17 @@ def figures(row: dict[str, Any], fl: dict[str, Any], device: torch.device) -> di
     nbytes = row["state_bytes"]
     gpu = device.type == "cuda"
     block_bw = fl.get("pinned_d2h_gbps") if gpu else fl.get("memcpy_gbps")
+    general_s = nbytes / (fl["write_fsync_gbps"] * GB)
+    at_size_bw = (row.get("write_floor_at_size") or {}).get("gbps")
+    at_size_s = nbytes / (at_size_bw * GB) if at_size_bw else None
     f: dict[str, Any] = {
         "state_gb": nbytes / GB,
         "block_floor_s": nbytes / (block_bw * GB) if block_bw else None,
-        "durable_floor_s": nbytes / (fl["write_fsync_gbps"] * GB),
+        # the durable ratio's floor: the write of exactly this state's bytes when it was measured
+        "durable_floor_s": at_size_s or general_s,
+        "durable_floor_kind": "at size" if at_size_s else "general",
+        "durable_floor_at_size_s": at_size_s,
+        "durable_floor_general_s": general_s,
         "read_floor_s": nbytes / (fl["read_gbps"] * GB),
     }
     mode, o = next(((m, o) for m, o in row.get("ours", {}).items() if o.get("saves")), (None, None))
@@ -453,6 +519,7 @@ def figures(row: dict[str, Any], fl: dict[str, Any], device: torch.device) -> di
         f["block_ratio"] = _ratio(f["ours_blocked_s"], f["block_floor_s"])
         f["block_target"] = TARGETS["block_ratio_gpu" if gpu else "block_ratio_cpu"]
         f["durable_ratio"] = _ratio(f["ours_durable_s"], f["durable_floor_s"])
+        f["durable_ratio_general_floor"] = _ratio(f["ours_durable_s"], general_s)
         f["durable_target"] = TARGETS["durable_ratio"]
         f["ours_gbps_to_durable"] = nbytes / f["ours_durable_s"] / GB
         f["latest_ok"] = all(s.get("latest_ok") for s in saves)
@@ -532,10 +599,18 @@ def table(result: dict[str, Any]) -> str:
     fl_bits.append(f"fsync write {fl['write_fsync_gbps']:.2f} GB/s ({w})")
     fl_bits.append(f"read {fl['read_gbps']:.2f} GB/s")
     lines.append("floors: " + "; ".join(fl_bits))
+    at_size = [
+        f"{r['name']} {w['gbps']:.2f} GB/s ({w['threads']}t, {w['bytes'] / GB:.2f} GB)"
+        for r in result["sizes"]
+        if (w := r.get("write_floor_at_size") or {}).get("gbps")
+    ]
+    if at_size:
+        lines.append("fsync write floor at each state's size: " + "; ".join(at_size))
     lines.append("")
     hdr = (
         "| size | state GB | blocked s (1st) | block floor s | ratio (target) | durable s | fsync floor s "
-        "| ratio (target) | resume s | resume floor s | ratio (target) | 2nd+ saves reuse host mem |"
+        "| ratio (target) | ratio, general floor | resume s | resume floor s | ratio (target) "
+        "| 2nd+ saves reuse host mem |"
     )
     lines += [hdr, "|" + "|".join(["---"] * (hdr.count("|") - 1)) + "|"]
     rows = sorted(result["sizes"], key=lambda r: r.get("state_bytes", 0))
@@ -553,8 +628,9 @@ def table(result: dict[str, Any]) -> str:
                     _fmt(f.get("block_floor_s"), 3),
                     f"{_fmt(f.get('block_ratio'))} (<= {f.get('block_target', '-')}) {_judge(f.get('block_ratio'), f.get('block_target', 0))}",
                     _fmt(f.get("ours_durable_s")),
-                    _fmt(f.get("durable_floor_s")),
+                    f"{_fmt(f.get('durable_floor_s'))} ({f.get('durable_floor_kind', '-')})",
                     f"{_fmt(f.get('durable_ratio'))} (<= {TARGETS['durable_ratio']}) {_judge(f.get('durable_ratio'), TARGETS['durable_ratio'])}",
+                    _fmt(f.get("durable_ratio_general_floor")),
                     _fmt(f.get("resume_s")),
                     _fmt(f.get("resume_floor_s")),
                     f"{_fmt(f.get('resume_ratio'))} (<= {TARGETS['resume_ratio']}) {_judge(f.get('resume_ratio'), TARGETS['resume_ratio'])}",
@@ -590,7 +666,8 @@ def table(result: dict[str, Any]) -> str:
         lines.append(
             f"throughput ({tp['size']}, {tp['mode']}, save every {tp['interval']} steps, {tp['steps_per_arm']} steps/arm, "
             f"{tp['step_s_no_save'] * 1e3:.1f} ms/step): with/without = {tp['throughput_ratio']:.4f} "
-            f"(>= {TARGETS['throughput_ratio']}) {_judge(tp['throughput_ratio'], TARGETS['throughput_ratio'], True)}"
+            f"(>= {TARGETS['throughput_ratio']}) {_judge(tp['throughput_ratio'], TARGETS['throughput_ratio'], True)}; "
+            f"excess per save {_fmt(None if tp.get('excess_per_save_s') is None else tp['excess_per_save_s'] * 1e3, 1)} ms"
         )
     elif tp:
         lines.append(f"throughput: {tp.get('error')}")
@@ -599,7 +676,8 @@ def table(result: dict[str, Any]) -> str:
         lines.append(
             f"preemption ({pe['size']}, via {pe.get('via')}): SIGUSR1 to exit {pe['signal_to_exit_s']:.2f} s "
             f"(step {_fmt(pe.get('step_s'))}, save call to durable {_fmt(pe.get('save_call_to_durable_s'))}); "
-            f"budget {_fmt(pe.get('budget_s'))} s {_judge(pe['signal_to_exit_s'], pe.get('budget_s') or 0)}; "
+            f"budget {_fmt(pe.get('budget_s'))} s (write floor {pe.get('budget_write_floor', '-')}) "
+            f"{_judge(pe['signal_to_exit_s'], pe.get('budget_s') or 0)}; "
             f"exit 75: {_fmt(pe.get('exit_code_ok'))}, latest at final step: {_fmt(pe.get('latest_ok'))}"
         )
     elif pe:
@@ -609,7 +687,8 @@ def table(result: dict[str, Any]) -> str:
 
 def preempt_budget(result: dict[str, Any]) -> None:
     """Target: one step + one blocking + one flush (floors of this run, on the bytes the run's
-    checkpoint really had) + 2 s of slack."""
+    checkpoint really had) + 2 s of slack. The flush is judged against the write floor measured at
+    the preemption size's state bytes when that size has one, else the general floor."""
     pe = result.get("preemption")
     if not pe or not pe.get("step_s"):
         return
@@ -623,10 +702,12 @@ def preempt_budget(result: dict[str, Any]) -> None:
     )
     if not nbytes or not block_bw:
         return
+    at_size_bw = ((row or {}).get("write_floor_at_size") or {}).get("gbps")
+    pe["budget_write_floor"] = "at size" if at_size_bw else "general"
     pe["budget_s"] = (
         pe["step_s"]
         + nbytes / (block_bw * GB)
-        + nbytes / (fl["write_fsync_gbps"] * GB)
+        + nbytes / ((at_size_bw or fl["write_fsync_gbps"]) * GB)
         + TARGETS["preempt_slack_s"]
     )
     pe["within_budget"] = pe["signal_to_exit_s"] <= pe["budget_s"]
@@ -692,8 +773,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="throughput: alternating arm pairs, best of each kept",
     )
+    ap.add_argument(
+        "--tp-intervals",
+        dest="tp_intervals_opt",
+        type=int,
+        default=None,
+        help="throughput: save intervals (saves) per arm",
+    )
     ap.add_argument("--floor-mem-bytes", type=int, default=None)
     ap.add_argument("--floor-disk-bytes", type=int, default=None)
+    ap.add_argument(
+        "--no-size-floor",
+        dest="size_floor",
+        action="store_false",
+        help="skip the fsync'd write of each state's size before our saves (durable ratio "
+        "against the general floor)",
+    )
     args = ap.parse_args(argv)
     args.modes = [m for m in args.modes.split(",") if m]
     args.skip = {s for s in args.skip.split(",") if s}
@@ -740,6 +835,7 @@ def main(argv: list[str] | None = None) -> int:
         args.tp_reps = 2
         args.pe_batch, args.pe_seq = 2, 32
     args.tp_reps = args.tp_reps_opt or args.tp_reps
+    args.tp_intervals = args.tp_intervals_opt or args.tp_intervals
     # Resume costs two fresh processes per size; the smoke measures it once.
     args.resume_sizes = {sizes[-1].name} if args.smoke else {s.name for s in sizes}
     # Baselines are the slowest part (torch.save alone runs at a fraction of the disk floor); on

@@ -10,8 +10,11 @@ and reduce-scatters. One run, one model, three parts:
 
 1. throughput: the same number of training steps without saves and with a save every
    ``--interval`` steps (async with pinned memory; the device-to-host copy is deferred to the
-   next optimizer step by the manager's own hooks). Per save and rank: the time ``save()``
-   blocked the caller and the manager's ``last_save_stats`` (staged, durable, new host bytes).
+   next optimizer step by the manager's own hooks). Each save sits in the middle of its interval,
+   so its copy and flush overlap later steps as in a run that goes on, rather than the arm's
+   closing synchronize waiting for a save made on its last step. Per save and rank: the time
+   ``save()`` blocked the caller and the manager's ``last_save_stats`` (staged, durable, new host
+   bytes).
 2. exactness: one more save, a copy of this rank's live state taken right after ``save()``
    returned, a few more steps (they change every tensor while the flush is in flight), then the
    checkpoint is loaded into a freshly built (differently initialised) model and optimizer and
@@ -52,8 +55,14 @@ from kempnerforge import distributed  # noqa: E402
 
 logger = logging.getLogger("dist_bench")
 
-SIZES = {s.name: s for s in (*checkpoint_bench.GPU_SIZES, *checkpoint_bench.CPU_SIZES,
-                             *checkpoint_bench.SMOKE_SIZES)}
+SIZES = {
+    s.name: s
+    for s in (
+        *checkpoint_bench.GPU_SIZES,
+        *checkpoint_bench.CPU_SIZES,
+        *checkpoint_bench.SMOKE_SIZES,
+    )
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,8 +82,11 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 def local_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     """Every tensor this rank holds of model and optimizer, by a name that does not depend on
     object identity, so a freshly built model/optimizer pair yields the same keys."""
-    out = {f"model.{k}": _local(v) for k, v in model.state_dict().items()
-           if isinstance(v, torch.Tensor)}
+    out = {
+        f"model.{k}": _local(v)
+        for k, v in model.state_dict().items()
+        if isinstance(v, torch.Tensor)
+    }
     names = {id(p): n for n, p in model.named_parameters()}
     for p, st in opt.state.items():
         for k, v in st.items():
@@ -100,11 +112,21 @@ def compare(ref: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> dict[
     nbytes = 0
     for k in sorted(set(ref) & set(got)):
         a, b = ref[k], got[k]
-        if a.dtype != b.dtype or a.shape != b.shape or not torch.equal(_bits(a), _bits(b.to(a.device))):
+        if (
+            a.dtype != b.dtype
+            or a.shape != b.shape
+            or not torch.equal(_bits(a), _bits(b.to(a.device)))
+        ):
             differ.append(k)
         nbytes += a.numel() * a.element_size()
-    return {"tensors": len(ref), "bytes": nbytes, "missing_or_extra": missing[:20],
-            "differ": differ[:20], "n_differ": len(differ), "ok": not missing and not differ}
+    return {
+        "tensors": len(ref),
+        "bytes": nbytes,
+        "missing_or_extra": missing[:20],
+        "differ": differ[:20],
+        "n_differ": len(differ),
+        "ok": not missing and not differ,
+    }
 
 
 def all_max(x: float, device: torch.device) -> float:
@@ -129,20 +151,33 @@ def fsdp_wrap(device: torch.device, world: int) -> Callable[[gpt.GPT], None]:
     def wrap(model: gpt.GPT) -> None:
         if world > 1:
             distributed.wrap_model(model, "fsdp", device)
+
     return wrap
 
 
 # ---------------------------------------------------------------------------------------------
 # The parts
 # ---------------------------------------------------------------------------------------------
-def run_arms(model: gpt.GPT, opt: torch.optim.Optimizer, mgr: Any, data: tuple[torch.Tensor, ...],
-             steps: int, interval: int, device: torch.device,
-             first_step: int = 0) -> dict[str, Any]:
+def run_arms(
+    model: gpt.GPT,
+    opt: torch.optim.Optimizer,
+    mgr: Any,
+    data: tuple[torch.Tensor, ...],
+    steps: int,
+    interval: int,
+    device: torch.device,
+    first_step: int = 0,
+) -> dict[str, Any]:
     """Steps without saves, then the same steps with a save every ``interval``; this rank's view.
 
-    Before each save the previous one is waited for explicitly (``save()`` would do it first
+    The saves fall in the middle of each whole interval (``checkpoint_bench.save_steps``): the
+    steady state of a run that goes on, not a save on the last step whose device-to-host copy the
+    arm's closing synchronize would wait for. Before each save the previous one is waited for explicitly (``save()`` would do it first
     thing anyway) so its stats are final and can be recorded; the wait is inside the timed arm.
     """
+
+    due = set(checkpoint_bench.save_steps(steps, interval))
+
     def arm(saving: bool, first_step: int) -> tuple[float, list[dict[str, Any]]]:
         saves: list[dict[str, Any]] = []
         pending: dict[str, Any] | None = None
@@ -156,7 +191,7 @@ def run_arms(model: gpt.GPT, opt: torch.optim.Optimizer, mgr: Any, data: tuple[t
                 now = time.perf_counter()
                 windows.append(now - t_win)
                 t_win = now
-            if saving and i % interval == 0:
+            if saving and i in due:
                 mgr.wait()
                 if pending is not None:
                     pending["stats"] = manager_stats(mgr)
@@ -179,15 +214,28 @@ def run_arms(model: gpt.GPT, opt: torch.optim.Optimizer, mgr: Any, data: tuple[t
 
     t_none, _ = arm(False, 0)
     t_save, saves = arm(True, first_step)
-    out = {"steps": steps, "interval": interval, "no_save_s": t_none, "with_save_s": t_save,
-           "throughput_ratio": t_none / t_save if t_save > 0 else None, "saves": saves}
+    out = {
+        "steps": steps,
+        "interval": interval,
+        "no_save_s": t_none,
+        "with_save_s": t_save,
+        "throughput_ratio": t_none / t_save if t_save > 0 else None,
+        "saves": saves,
+    }
     if device.type == "cuda":  # headroom for a larger size or batch
         out["max_memory_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
     return out
 
 
-def run_verify(model: gpt.GPT, opt: torch.optim.Optimizer, mgr: Any, data: tuple[torch.Tensor, ...],
-               step: int, extra_steps: int, device: torch.device) -> tuple[dict[str, Any], dict]:
+def run_verify(
+    model: gpt.GPT,
+    opt: torch.optim.Optimizer,
+    mgr: Any,
+    data: tuple[torch.Tensor, ...],
+    step: int,
+    extra_steps: int,
+    device: torch.device,
+) -> tuple[dict[str, Any], dict]:
     """Save ``step``, copy the live state at once, train on while the flush runs, then wait."""
     gpt.train_step(model, opt, data)
     span = Span().start()
@@ -197,15 +245,26 @@ def run_verify(model: gpt.GPT, opt: torch.optim.Optimizer, mgr: Any, data: tuple
     for _ in range(extra_steps):  # each optimizer step first waits for the deferred copy
         gpt.train_step(model, opt, data)
     mgr.wait()
-    rec = {"step": step, "blocked_call_s": blocked, "stats": manager_stats(mgr),
-           "proc_new_host_bytes": span.new_host_bytes(), "extra_steps": extra_steps}
+    rec = {
+        "step": step,
+        "blocked_call_s": blocked,
+        "stats": manager_stats(mgr),
+        "proc_new_host_bytes": span.new_host_bytes(),
+        "extra_steps": extra_steps,
+    }
     moved = compare(ref, local_state(model, opt))
     rec["live_changed_after_save"] = not moved["ok"]  # else the check below proves little
     return rec, ref
 
 
-def run_load(size: gpt.GPTSize, device: torch.device, world: int, cfg: Any, step: int,
-             ref: dict[str, torch.Tensor]) -> dict[str, Any]:
+def run_load(
+    size: gpt.GPTSize,
+    device: torch.device,
+    world: int,
+    cfg: Any,
+    step: int,
+    ref: dict[str, torch.Tensor],
+) -> dict[str, Any]:
     """Fresh model and optimizer (another seed), load the newest checkpoint, compare with ``ref``."""
     from kempnerforge.checkpoint import CheckpointManager
 
@@ -238,29 +297,43 @@ def _f(v: Any, nd: int = 3) -> str:
 
 
 def table(result: dict[str, Any]) -> str:
-    lines = [f"dist bench: {result['meta']['size']} over {result['meta']['world_size']} ranks "
-             f"({result['meta']['backend']}, {result['meta']['device']}), "
-             f"{result['meta'].get('state_gb_per_rank', 0):.2f} GB state per rank"]
-    lines.append(f"{'rank':>4} {'step':>6} {'blocked':>8} {'staged':>8} {'durable':>8} "
-                 f"{'new_host_B':>11} {'GB/s':>6}")
+    lines = [
+        f"dist bench: {result['meta']['size']} over {result['meta']['world_size']} ranks "
+        f"({result['meta']['backend']}, {result['meta']['device']}), "
+        f"{result['meta'].get('state_gb_per_rank', 0):.2f} GB state per rank"
+    ]
+    lines.append(
+        f"{'rank':>4} {'step':>6} {'blocked':>8} {'staged':>8} {'durable':>8} "
+        f"{'new_host_B':>11} {'GB/s':>6}"
+    )
     for r in result.get("ranks", []):
-        recs = [*r.get("throughput", {}).get("saves", []), *([r["verify"]] if "verify" in r else [])]
+        recs = [
+            *r.get("throughput", {}).get("saves", []),
+            *([r["verify"]] if "verify" in r else []),
+        ]
         for s in recs:
             st = s.get("stats") or {}
-            lines.append(f"{r['rank']:>4} {s['step']:>6} {_f(s.get('blocked_call_s')):>8} "
-                         f"{_f(st.get('staged_s')):>8} {_f(st.get('durable_s'), 2):>8} "
-                         f"{st.get('new_host_bytes', '-'):>11} {_f(st.get('gbps'), 2):>6}")
+            lines.append(
+                f"{r['rank']:>4} {s['step']:>6} {_f(s.get('blocked_call_s')):>8} "
+                f"{_f(st.get('staged_s')):>8} {_f(st.get('durable_s'), 2):>8} "
+                f"{st.get('new_host_bytes', '-'):>11} {_f(st.get('gbps'), 2):>6}"
+            )
     tp = result.get("throughput")
     if tp:
-        lines.append(f"throughput: {tp['steps']} steps/arm, save every {tp['interval']}: "
-                     f"no save {tp['no_save_s']:.2f}s, with saves {tp['with_save_s']:.2f}s, "
-                     f"ratio {_f(tp['throughput_ratio'])} (slowest rank per arm)"
-                     + (f" [{tp['note']}]" if tp.get("note") else ""))
+        lines.append(
+            f"throughput: {tp['steps']} steps/arm, save every {tp['interval']}: "
+            f"no save {tp['no_save_s']:.2f}s, with saves {tp['with_save_s']:.2f}s, "
+            f"ratio {_f(tp['throughput_ratio'])}, excess per save "
+            f"{_f(None if tp.get('excess_per_save_s') is None else tp['excess_per_save_s'] * 1e3, 1)}"
+            f" ms (slowest rank per arm)" + (f" [{tp['note']}]" if tp.get("note") else "")
+        )
     v = result.get("verify")
     if v:
-        lines.append(f"exactness: {v['tensors']} tensors on {v['ranks']} ranks, "
-                     f"{v['n_differ']} differ, {v['missing_or_extra']} missing/extra, "
-                     f"live state moved after the save: {v['live_changed_after_save']}")
+        lines.append(
+            f"exactness: {v['tensors']} tensors on {v['ranks']} ranks, "
+            f"{v['n_differ']} differ, {v['missing_or_extra']} missing/extra, "
+            f"live state moved after the save: {v['live_changed_after_save']}"
+        )
     lines.append(f"VERDICT: {result.get('verdict', 'INCOMPLETE')}")
     return "\n".join(lines)
 
@@ -270,24 +343,36 @@ def table(result: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", choices=("cuda", "cpu"), default=None,
-                    help="default: cuda when available")
+    ap.add_argument(
+        "--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available"
+    )
     ap.add_argument("--backend", choices=("auto", "nccl", "gloo"), default="auto")
     ap.add_argument("--size", default="gpt-1b", help=f"one of {sorted(SIZES)}")
     ap.add_argument("--batch", type=int, default=8, help="sequences per rank per step")
     ap.add_argument("--seq", type=int, default=2048, help="tokens per sequence (<= size.seq_len)")
     ap.add_argument("--steps", type=int, default=100, help="steps per throughput arm (at most)")
     ap.add_argument("--interval", type=int, default=50, help="steps between saves")
-    ap.add_argument("--extra-steps", type=int, default=3,
-                    help="steps trained after the exactness save while it flushes")
+    ap.add_argument(
+        "--extra-steps",
+        type=int,
+        default=3,
+        help="steps trained after the exactness save while it flushes",
+    )
     ap.add_argument("--mode", default="async_with_pinned_mem", help="checkpoint.async_mode")
     ap.add_argument("--dir", type=Path, default=None, help="checkpoint root (default: a temp dir)")
     ap.add_argument("--out", type=Path, default=None, help="JSON written by rank 0")
-    ap.add_argument("--time-budget-s", type=float, default=None,
-                    help="fewer steps per arm when the whole run would not fit")
+    ap.add_argument(
+        "--time-budget-s",
+        type=float,
+        default=None,
+        help="fewer steps per arm when the whole run would not fit",
+    )
     ap.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: default)")
-    ap.add_argument("--writers", default="",
-                    help="extra throughput arms with other writers, e.g. dcp:8,staged:2")
+    ap.add_argument(
+        "--writers",
+        default="",
+        help="extra throughput arms with other writers, e.g. dcp:8,staged:2",
+    )
     ap.add_argument("--timeout-s", type=float, default=300.0, help="process-group timeout")
     return ap.parse_args(argv)
 
@@ -297,39 +382,63 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     want = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dcfg = distributed.DistributedConfig(
-        parallel="fsdp", backend=args.backend, device=want, deterministic=False,
-        intra_op_threads=args.threads, timeout_s=args.timeout_s,
+        parallel="fsdp",
+        backend=args.backend,
+        device=want,
+        deterministic=False,
+        intra_op_threads=args.threads,
+        timeout_s=args.timeout_s,
     )
     info, device = distributed.setup(dcfg)
     rank, world = info.rank, info.world_size
     logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING, force=True,
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        force=True,
         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
     )
     if args.size not in SIZES:
         raise SystemExit(f"--size {args.size!r}: choose from {sorted(SIZES)}")
+    if args.steps < 1 or args.interval < 1:
+        raise SystemExit("--steps and --interval must be >= 1")
     size = SIZES[args.size]
     seq = min(args.seq, size.seq_len)
     from kempnerforge.checkpoint.config import CheckpointConfig
 
     own_dir = args.dir is None
-    root_box = [str(Path(tempfile.mkdtemp(prefix="kf-dist-bench-")) if own_dir and rank == 0
-                    else (args.dir or ""))]
+    root_box = [
+        str(
+            Path(tempfile.mkdtemp(prefix="kf-dist-bench-"))
+            if own_dir and rank == 0
+            else (args.dir or "")
+        )
+    ]
     if dist.is_initialized():
         dist.broadcast_object_list(root_box, src=0)
     root = Path(root_box[0]) / "ckpt"
     if rank == 0:
         remove(root)
-    cfg = CheckpointConfig(dir=str(root), interval=args.interval, async_mode=args.mode,
-                           keep_last_n=1)
-    result: dict[str, Any] = {"meta": {
-        "size": size.name, "size_spec": size.to_dict(), "world_size": world,
-        "backend": dist.get_backend() if dist.is_initialized() else "none",
-        "device": checkpoint_bench.device_name(device), "device_type": device.type,
-        "torch": torch.__version__, "python": platform.python_version(),
-        "mode": args.mode, "batch_per_rank": args.batch, "seq": seq, "ckpt_root": str(root),
-        "ckpt_fs": checkpoint_bench.fs_type(root.parent), "host_cpus": os.cpu_count(),
-    }, "ranks": []}
+    cfg = CheckpointConfig(
+        dir=str(root), interval=args.interval, async_mode=args.mode, keep_last_n=1
+    )
+    result: dict[str, Any] = {
+        "meta": {
+            "size": size.name,
+            "size_spec": size.to_dict(),
+            "world_size": world,
+            "backend": dist.get_backend() if dist.is_initialized() else "none",
+            "device": checkpoint_bench.device_name(device),
+            "device_type": device.type,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "mode": args.mode,
+            "batch_per_rank": args.batch,
+            "seq": seq,
+            "ckpt_root": str(root),
+            "ckpt_fs": checkpoint_bench.fs_type(root.parent),
+            "host_cpus": os.cpu_count(),
+        },
+        "ranks": [],
+    }
 
     def budget_left() -> float:
         if args.time_budget_s is None:
@@ -376,11 +485,22 @@ def main(argv: list[str] | None = None) -> int:
         if dist.is_initialized():
             dist.all_reduce(total_t)
         total = int(total_t.item())
-        result["meta"].update(build_s=time.perf_counter() - t0, step_s_warmup=step_s,
-                              state_bytes_per_rank=nbytes, state_tensors_per_rank=ntensors,
-                              state_bytes_total=total, state_gb_per_rank=nbytes / 1e9)
-        logger.info("%s over %d ranks: %.2f GB state per rank (%.2f GB total), warm-up %.3f s/step",
-                    size.name, world, nbytes / 1e9, total / 1e9, step_s)
+        result["meta"].update(
+            build_s=time.perf_counter() - t0,
+            step_s_warmup=step_s,
+            state_bytes_per_rank=nbytes,
+            state_tensors_per_rank=ntensors,
+            state_bytes_total=total,
+            state_gb_per_rank=nbytes / 1e9,
+        )
+        logger.info(
+            "%s over %d ranks: %.2f GB state per rank (%.2f GB total), warm-up %.3f s/step",
+            size.name,
+            world,
+            nbytes / 1e9,
+            total / 1e9,
+            step_s,
+        )
 
         # Steps per arm: as asked, unless the budget says otherwise (same answer on every rank:
         # step_s is the all-reduced max, the budget the same flag value).
@@ -389,18 +509,38 @@ def main(argv: list[str] | None = None) -> int:
         fit = int(max(0.0, left - reserve) / (2.5 * step_s))  # two arms, saves cost extra
         steps, interval, note = args.steps, args.interval, ""
         if fit < steps:
+            # At least one whole interval, of 2+ steps where possible: its save then falls before
+            # the arm's last step (checkpoint_bench.save_steps).
             steps = max(2, fit)
-            interval = min(interval, max(1, steps // 2))
+            interval = min(interval, max(2, steps // 2))
             steps -= steps % interval
             note = f"reduced to {steps} steps/arm, save every {interval} (time budget)"
             logger.warning(note)
+        elif interval > steps:  # else the saving arm would not save at all
+            interval = steps
+            note = f"save every {interval} (--steps < --interval)"
+            logger.warning(note)
+        n_saves = len(checkpoint_bench.save_steps(steps, interval))  # steps // interval, >= 1
         tp = run_arms(model, opt, mgr, data, steps, interval, device)
         no_save = all_max(tp["no_save_s"], device)
         with_save = all_max(tp["with_save_s"], device)
-        publish("throughput", tp, {"throughput": {
-            "steps": steps, "interval": interval, "no_save_s": no_save, "with_save_s": with_save,
-            "throughput_ratio": no_save / with_save if with_save > 0 else None,
-            "step_s_no_save": no_save / steps, "note": note}})
+        publish(
+            "throughput",
+            tp,
+            {
+                "throughput": {
+                    "steps": steps,
+                    "interval": interval,
+                    "no_save_s": no_save,
+                    "with_save_s": with_save,
+                    "throughput_ratio": no_save / with_save if with_save > 0 else None,
+                    "step_s_no_save": no_save / steps,
+                    "saves_per_arm": n_saves,
+                    "excess_per_save_s": (with_save - no_save) / n_saves,
+                    "note": note,
+                }
+            },
+        )
 
         # Optional: the same arms again with other writers (kind:threads), same model and run.
         variants: dict[str, Any] = {}
@@ -411,14 +551,21 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             mgr.checkpointer.writer_kind = kind
             mgr.checkpointer.writer_threads = int(threads or mgr.checkpointer.writer_threads)
-            v = run_arms(model, opt, mgr, data, steps, interval, device,
-                         first_step=(k + 1) * 1000)
+            v = run_arms(model, opt, mgr, data, steps, interval, device, first_step=(k + 1) * 1000)
             ns, ws = all_max(v["no_save_s"], device), all_max(v["with_save_s"], device)
-            variants[spec] = {"no_save_s": ns, "with_save_s": ws, "throughput_ratio": ns / ws,
-                              "durable_s": [(x.get("stats") or {}).get("durable_s") for x in v["saves"]],
-                              "windows_s": v["saves"][0].get("windows_s") if v["saves"] else None}
-            logger.info("writer %s: throughput ratio %.3f, durable %s", spec, ns / ws,
-                        variants[spec]["durable_s"])
+            variants[spec] = {
+                "no_save_s": ns,
+                "with_save_s": ws,
+                "throughput_ratio": ns / ws,
+                "durable_s": [(x.get("stats") or {}).get("durable_s") for x in v["saves"]],
+                "windows_s": v["saves"][0].get("windows_s") if v["saves"] else None,
+            }
+            logger.info(
+                "writer %s: throughput ratio %.3f, durable %s",
+                spec,
+                ns / ws,
+                variants[spec]["durable_s"],
+            )
         if variants:
             publish("writer_variants", {}, {"writer_variants": variants})
         mgr.checkpointer.writer_kind = cfg.writer
@@ -440,16 +587,20 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0 and oks is not None:
             loads = [r["verify"]["load"] for r in result["ranks"]]
             result["verify"] = {
-                "ok": all(oks), "ranks": world, "step": vstep,
+                "ok": all(oks),
+                "ranks": world,
+                "step": vstep,
                 "tensors": sum(x["tensors"] for x in loads),
                 "bytes": sum(x["bytes"] for x in loads),
                 "n_differ": sum(x["n_differ"] for x in loads),
                 "missing_or_extra": sum(len(x["missing_or_extra"]) for x in loads),
-                "live_changed_after_save": all(r["verify"]["live_changed_after_save"]
-                                               for r in result["ranks"]),
+                "live_changed_after_save": all(
+                    r["verify"]["live_changed_after_save"] for r in result["ranks"]
+                ),
             }
-            result["verdict"] = ("bit-exact, no deadlock" if all(oks) else
-                                 "MISMATCH (see verify in the JSON)")
+            result["verdict"] = (
+                "bit-exact, no deadlock" if all(oks) else "MISMATCH (see verify in the JSON)"
+            )
             result["meta"]["wall_s"] = time.perf_counter() - t_start
             if args.out is not None:
                 checkpoint_bench.write_json(result, args.out)

@@ -229,6 +229,22 @@ def disk_floors(
     }
 
 
+def write_floor(directory: Path, nbytes: int, threads: int) -> dict[str, float | int]:
+    """One fsync'd write of exactly ``nbytes`` over ``threads`` writer threads; files removed after.
+
+    Why a second write floor: a drive's write cache makes a short fsync'd write faster than a long
+    one, so a floor taken on fewer bytes than a checkpoint is a floor the checkpoint cannot reach.
+    Returns ``{"bytes", "threads", "s", "gbps"}``.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        elapsed, _ = _write_files(directory, _payload(nbytes), threads)
+    finally:  # also after a failed write: the files would take the disk from what follows
+        for p in directory.glob(f"floor_{threads}_*.bin"):
+            p.unlink(missing_ok=True)
+    return {"bytes": nbytes, "threads": threads, "s": elapsed, "gbps": nbytes / elapsed / GB}
+
+
 def measure_all(directory: Path, mem_bytes: int, disk_bytes: int) -> dict[str, object]:
     """All floors of this machine: memcpy, fresh-alloc copy, pinned D2H (CUDA), disk write/read."""
     out: dict[str, object] = {

@@ -3,10 +3,10 @@
 if ls .whl/*.whl >/dev/null 2>&1; then
   missing=$($PY - <<'PYEOF'
 import importlib.util as u, glob, os
-mods = {"xxhash": "xxhash", "PyYAML": "yaml", "pytest": "pytest", "pluggy": "pluggy",
+mods = {"xxhash": "xxhash", "pyyaml": "yaml", "pytest": "pytest", "pluggy": "pluggy",
         "iniconfig": "iniconfig", "packaging": "packaging"}
 need = [w for w in glob.glob(".whl/*.whl")
-        if (m := mods.get(os.path.basename(w).split("-")[0])) and u.find_spec(m) is None]
+        if (m := mods.get(os.path.basename(w).split("-")[0].lower())) and u.find_spec(m) is None]
 print(" ".join(need))
 PYEOF
 )

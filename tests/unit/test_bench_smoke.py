@@ -50,6 +50,11 @@ def test_bench_smoke_writes_all_figures(tmp_path: Path) -> None:
         for key in ("ours_blocked_s", "ours_durable_s", "block_ratio", "durable_ratio"):
             assert isinstance(f[key], float) and f[key] > 0, (key, f)
         assert f["latest_ok"] is True
+        wf = row["write_floor_at_size"]
+        assert wf["bytes"] == row["state_bytes"] and wf["gbps"] > 0, wf
+        assert wf["threads"] == fl["write_fsync_best_threads"]
+        assert f["durable_floor_kind"] == "at size"
+        assert f["durable_ratio_general_floor"] > 0
         assert isinstance(f["later_saves_reuse_host_memory"], bool)
         assert f["manager_new_host_bytes_later"] == 0, "staging buffers must be reused"
         for name in ("torch_save", "dcp_sync", "dcp_async"):
@@ -59,6 +64,11 @@ def test_bench_smoke_writes_all_figures(tmp_path: Path) -> None:
 
     tp = res["throughput"]
     assert tp["throughput_ratio"] > 0 and tp["steps_per_arm"] > 0
+    # one save in the middle of each interval, none on the arm's last step
+    assert len(tp["save_steps"]) == tp["steps_per_arm"] // tp["interval"]
+    assert tp["steps_per_arm"] not in tp["save_steps"]
+    assert isinstance(tp["excess_per_save_s"], float)
+    assert isinstance(tp["windows_none_s"], list) and isinstance(tp["windows_save_s"], list)
     pe = res["preemption"]
     assert pe["exit_code_ok"] is True and pe["latest_ok"] is True, pe
     assert pe["signal_to_exit_s"] > 0 and pe["budget_s"] > 0
