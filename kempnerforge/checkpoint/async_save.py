@@ -31,7 +31,7 @@ import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeoutError
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -147,6 +147,25 @@ def balance(
     return [b for b in out if b]
 
 
+@dataclass
+class _Copies:
+    """The copies one ``stage`` call collects: device-to-pinned-host ones are issued together."""
+
+    pinned: bool
+    device: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    host: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+
+def _copy_all(pairs: list[tuple[torch.Tensor, torch.Tensor]], non_blocking: bool) -> None:
+    """(dst, src) copies in one call where torch has a list copy (no Python step per tensor)."""
+    foreach = getattr(torch, "_foreach_copy_", None)
+    if foreach is not None:
+        foreach([d for d, _ in pairs], [s_ for _, s_ in pairs], non_blocking=non_blocking)
+        return
+    for dst, src in pairs:  # pragma: no cover - torch without _foreach_copy_
+        dst.copy_(src, non_blocking=non_blocking)
+
+
 class HostStager:
     """Copies a (nested) state dict into host buffers kept between saves.
 
@@ -178,7 +197,7 @@ class HostStager:
         """Allocate (and pin) the buffers ``stage`` would need, copying nothing; returns the new
         bytes. Lets the one-off allocation happen off the training loop's critical path."""
         counters = [0, 0]
-        self._walk(state_dict, (), counters, None, None)
+        self._walk(state_dict, (), counters, None)
         return counters[1]
 
     def stage(
@@ -190,20 +209,23 @@ class HostStager:
         is then the CUDA event that completes with them (None when everything is done).
         """
         counters = [0, 0]
-        side = None
         self.last_event = None
-        if self.pinned and torch.cuda.is_available():
+        pinned = self.pinned and torch.cuda.is_available()
+        sink = _Copies(pinned)
+        staged = self._walk(state_dict, (), counters, sink)
+        event = None
+        if sink.device:
             if self._stream is None:
                 self._stream = torch.cuda.Stream()
             side = self._stream
             side.wait_stream(torch.cuda.current_stream())  # copies see finished optimizer math
-        host: list[tuple[torch.Tensor, torch.Tensor]] = []
-        staged = self._walk(state_dict, (), counters, side, host)
-        event = None
-        if side is not None:
+            with torch.cuda.stream(side):
+                _copy_all(sink.device, non_blocking=True)
+            for _, src in sink.device:
+                src.record_stream(side)  # a temporary source is not reused before the copy read it
             event = torch.cuda.Event()
             event.record(side)
-        self._copy_host(host)
+        self._copy_host(sink.host)
         if event is not None:
             if sync:
                 event.synchronize()  # buffers are complete, sources may change again
@@ -213,24 +235,22 @@ class HostStager:
             torch.cuda.synchronize()
         return staged, counters[0], counters[1]
 
-    def _walk(
-        self, obj: Any, path: tuple, counters: list[int], side: Any, host: list | None
-    ) -> Any:
+    def _walk(self, obj: Any, path: tuple, counters: list[int], sink: _Copies | None) -> Any:
         if isinstance(obj, dict):
-            return {k: self._walk(v, (*path, k), counters, side, host) for k, v in obj.items()}
+            return {k: self._walk(v, (*path, k), counters, sink) for k, v in obj.items()}
         if isinstance(obj, list):
-            return [self._walk(v, (*path, i), counters, side, host) for i, v in enumerate(obj)]
+            return [self._walk(v, (*path, i), counters, sink) for i, v in enumerate(obj)]
         if isinstance(obj, tuple):
-            return tuple(self._walk(v, (*path, i), counters, side, host) for i, v in enumerate(obj))
+            return tuple(self._walk(v, (*path, i), counters, sink) for i, v in enumerate(obj))
         if DTensor is not None and isinstance(obj, DTensor):
-            local = self._copy(obj._local_tensor, path, counters, side, host)
-            return _wrap_like(obj, local) if host is not None else None
+            local = self._copy(obj._local_tensor, path, counters, sink)
+            return _wrap_like(obj, local) if sink is not None else None
         if isinstance(obj, torch.Tensor):
-            return self._copy(obj, path, counters, side, host)
-        return copy.deepcopy(obj) if host is not None else None
+            return self._copy(obj, path, counters, sink)
+        return copy.deepcopy(obj) if sink is not None else None
 
     def _copy(
-        self, src: torch.Tensor, path: tuple, counters: list[int], side: Any, host: list | None
+        self, src: torch.Tensor, path: tuple, counters: list[int], sink: _Copies | None
     ) -> torch.Tensor:
         src = src.detach()
         buf = self._buffers.get(path)
@@ -239,16 +259,14 @@ class HostStager:
             buf = torch.empty(src.shape, dtype=src.dtype, device="cpu", pin_memory=pin)
             self._buffers[path] = buf
             counters[1] += _nbytes(buf)
-        if host is None:  # allocate only
+        if sink is None:  # allocate only
             return buf
-        if side is not None and src.is_cuda:
-            with torch.cuda.stream(side):
-                buf.copy_(src, non_blocking=True)
-            src.record_stream(side)  # a temporary source is not reused before the copy read it
+        if src.is_cuda and sink.pinned:
+            sink.device.append((buf, src))  # issued together, non_blocking, on the side stream
         elif src.is_cuda:
             buf.copy_(src)  # pageable: synchronous, on the caller's stream
         else:
-            host.append((buf, src))
+            sink.host.append((buf, src))
         counters[0] += _nbytes(buf)
         return buf
 
