@@ -343,10 +343,8 @@ def load_full_model_state(step_dir: Path, key: str = "model") -> dict[str, torch
     """
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-    from kempnerforge.checkpoint.safe_unpickle import (
-        SafeEmptyStateDictLoadPlanner,
-        SafeFileSystemReader,
-    )
+    from kempnerforge.checkpoint.reader import CheckpointReader
+    from kempnerforge.checkpoint.safe_unpickle import SafeEmptyStateDictLoadPlanner
 
     md = load_dcp_metadata(step_dir)
     keys = {k for k in md.state_dict_metadata if k == key or k.startswith(key + ".")}
@@ -356,7 +354,7 @@ def load_full_model_state(step_dir: Path, key: str = "model") -> dict[str, torch
     sd: dict[str, Any] = {}
     _load_state_dict(
         sd,
-        storage_reader=SafeFileSystemReader(str(step_dir)),
+        storage_reader=CheckpointReader(str(step_dir)),
         planner=SafeEmptyStateDictLoadPlanner(keys=keys),
         no_dist=True,
     )

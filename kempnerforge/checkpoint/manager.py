@@ -37,6 +37,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
+    get_state_dict,
     set_model_state_dict,
     set_optimizer_state_dict,
 )
@@ -56,7 +57,8 @@ from kempnerforge.checkpoint.guards import (
     explain_dcp_failure,
 )
 from kempnerforge.checkpoint.lock import JobLock, acquire_job_lock
-from kempnerforge.checkpoint.safe_unpickle import SafeFileSystemReader, SafeLoadPlanner
+from kempnerforge.checkpoint.reader import CheckpointReader
+from kempnerforge.checkpoint.safe_unpickle import SafeLoadPlanner
 from kempnerforge.checkpoint.state import (
     build_train_state,
     deserialize_train_state,
@@ -270,11 +272,14 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ save
     def _state_dict(self) -> dict[str, Any]:
-        sd: dict[str, Any] = {"model": get_model_state_dict(self.model)}
-        if self.optimizer is not None:
-            with all_trainable(self.model):
-                sd["optimizer"] = get_optimizer_state_dict(self.model, self.optimizer)
-        return sd
+        if self.optimizer is None:
+            return {"model": get_model_state_dict(self.model)}
+        # One call for both: torch maps parameter names once instead of twice (half of the
+        # time ``save()`` spends assembling the state dict). Frozen parameters are in the
+        # model part either way; the optimizer part needs them marked trainable.
+        with all_trainable(self.model):
+            model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        return {"model": model_sd, "optimizer": optim_sd}
 
     def save(
         self,
@@ -559,7 +564,7 @@ class CheckpointManager:
                 dcp.load(
                     sd,
                     checkpoint_id=str(dcp_dir),
-                    storage_reader=SafeFileSystemReader(str(dcp_dir)),
+                    storage_reader=CheckpointReader(str(dcp_dir)),
                     planner=SafeLoadPlanner(),
                     process_group=self.process_group,
                     no_dist=not self._dist,
