@@ -80,6 +80,9 @@ def plot(result: dict[str, Any], out: Path) -> Path:
     ax.plot(x, y, "o-", color="tab:blue", label="ours (steady state)")
     x, y = _series(rows, "ours_first_blocked_s")
     ax.plot(x, y, "o:", color="tab:cyan", label="ours (first save)")
+    x, y = _series(rows, "ours_staged_s")
+    if x:  # save() returns before a pinned copy is done; this is when it was
+        ax.plot(x, y, "v:", color="tab:green", label="ours: copy done")
     for name, (marker, color) in _BASE_STYLE.items():
         x, y = _series(rows, f"{name}_blocked_s")
         if x:
@@ -88,6 +91,9 @@ def plot(result: dict[str, Any], out: Path) -> Path:
 
     ax = axes[1]
     _floor_lines(ax, floor_sets, "write_fsync_gbps", "fsync'd write", xs_line)
+    x, y = _series(rows, "durable_floor_at_size_s")
+    if x:
+        ax.plot(x, y, "kx", ms=7, label="floor: fsync'd write of the state's bytes")
     x, y = _series(rows, "ours_durable_s")
     ax.plot(x, y, "o-", color="tab:blue", label="ours: save call to durable latest")
     for name, (marker, color) in _BASE_STYLE.items():
