@@ -76,32 +76,19 @@ def saved(tmp_path: Path) -> tuple[dict, Path]:
     return sd, tmp_path
 
 
-def test_parallel_read_equals_written(saved: tuple[dict, Path]) -> None:
+@pytest.mark.parametrize("threads", [4, 1])
+def test_read_equals_written(saved: tuple[dict, Path], threads: int) -> None:
+    """Several threads read in the pool; one thread reads in the caller, as DCP's reader does."""
     sd, path = saved
     target = _blank(sd)
     planner = _RecordingPlanner()
-    dcp.load(
-        target,
-        storage_reader=CheckpointReader(str(path), read_threads=4),
-        planner=planner,
-        no_dist=True,
-    )
+    reader = CheckpointReader(str(path), read_threads=threads)
+    dcp.load(target, storage_reader=reader, planner=planner, no_dist=True)
     _assert_same(sd, target)
-    assert planner.threads and all(n.startswith("kempnerforge-read") for n in planner.threads)
-
-
-def test_one_thread_reads_in_the_caller(saved: tuple[dict, Path]) -> None:
-    sd, path = saved
-    target = _blank(sd)
-    planner = _RecordingPlanner()
-    dcp.load(
-        target,
-        storage_reader=CheckpointReader(str(path), read_threads=1),
-        planner=planner,
-        no_dist=True,
-    )
-    _assert_same(sd, target)
-    assert planner.threads == {threading.current_thread().name}
+    if threads > 1:
+        assert planner.threads and all(n.startswith("kempnerforge-read") for n in planner.threads)
+    else:
+        assert planner.threads == {threading.current_thread().name}
 
 
 def test_rebuilt_from_metadata_in_parallel(saved: tuple[dict, Path]) -> None:
