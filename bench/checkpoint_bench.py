@@ -314,6 +314,13 @@ def measure_throughput(
 # ---------------------------------------------------------------------------------------------
 # One state size
 # ---------------------------------------------------------------------------------------------
+def write_gbps(row: dict[str, Any] | None, fl: dict[str, Any]) -> tuple[float, str]:
+    """The fsync'd-write floor a size's durable figures are judged against, and which one it is:
+    the write of exactly that state's bytes where it was measured, else the general floor."""
+    at_size = ((row or {}).get("write_floor_at_size") or {}).get("gbps")
+    return (at_size, "at size") if at_size else (fl["write_fsync_gbps"], "general")
+
+
 def size_floor(root: Path, nbytes: int, threads: int) -> dict[str, Any]:
     """The fsync'd-write floor at exactly this state's size, taken right before our saves.
 
@@ -360,9 +367,7 @@ def run_size(
     if args.size_floor:
         if budget.allows(write_s + SIZE_FLOOR_PAUSE_S + args.saves * (2 * write_s + 2) + 30):
             row["write_floor_at_size"] = size_floor(root, nbytes, fl["write_fsync_best_threads"])
-            write_s = (
-                nbytes / (row["write_floor_at_size"].get("gbps") or fl["write_fsync_gbps"]) / GB
-            )
+            write_s = nbytes / (write_gbps(row, fl)[0] * GB)
         else:
             row["skipped"].append("size_floor")
     row["ours"] = {}
@@ -489,15 +494,14 @@ def figures(row: dict[str, Any], fl: dict[str, Any], device: torch.device) -> di
     gpu = device.type == "cuda"
     block_bw = fl.get("pinned_d2h_gbps") if gpu else fl.get("memcpy_gbps")
     general_s = nbytes / (fl["write_fsync_gbps"] * GB)
-    at_size_bw = (row.get("write_floor_at_size") or {}).get("gbps")
-    at_size_s = nbytes / (at_size_bw * GB) if at_size_bw else None
+    write_bw, write_kind = write_gbps(row, fl)
     f: dict[str, Any] = {
         "state_gb": nbytes / GB,
         "block_floor_s": nbytes / (block_bw * GB) if block_bw else None,
         # the durable ratio's floor: the write of exactly this state's bytes when it was measured
-        "durable_floor_s": at_size_s or general_s,
-        "durable_floor_kind": "at size" if at_size_s else "general",
-        "durable_floor_at_size_s": at_size_s,
+        "durable_floor_s": nbytes / (write_bw * GB),
+        "durable_floor_kind": write_kind,
+        "durable_floor_at_size_s": nbytes / (write_bw * GB) if write_kind == "at size" else None,
         "durable_floor_general_s": general_s,
         "read_floor_s": nbytes / (fl["read_gbps"] * GB),
     }
@@ -702,12 +706,11 @@ def preempt_budget(result: dict[str, Any]) -> None:
     )
     if not nbytes or not block_bw:
         return
-    at_size_bw = ((row or {}).get("write_floor_at_size") or {}).get("gbps")
-    pe["budget_write_floor"] = "at size" if at_size_bw else "general"
+    write_bw, pe["budget_write_floor"] = write_gbps(row, fl)
     pe["budget_s"] = (
         pe["step_s"]
         + nbytes / (block_bw * GB)
-        + nbytes / ((at_size_bw or fl["write_fsync_gbps"]) * GB)
+        + nbytes / (write_bw * GB)
         + TARGETS["preempt_slack_s"]
     )
     pe["within_budget"] = pe["signal_to_exit_s"] <= pe["budget_s"]

@@ -151,7 +151,6 @@ def balance(
 class _Copies:
     """The copies one ``stage`` call collects: device-to-pinned-host ones are issued together."""
 
-    pinned: bool
     device: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     host: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
@@ -190,6 +189,11 @@ class HostStager:
         self._pool: ThreadPoolExecutor | None = None
         self.last_event: Any = None
 
+    @property
+    def _pin(self) -> bool:
+        """Pinned buffers and deferred copies: asked for, and possible here."""
+        return self.pinned and torch.cuda.is_available()
+
     def host_bytes(self) -> int:
         return sum(_nbytes(b) for b in self._buffers.values())
 
@@ -210,8 +214,7 @@ class HostStager:
         """
         counters = [0, 0]
         self.last_event = None
-        pinned = self.pinned and torch.cuda.is_available()
-        sink = _Copies(pinned)
+        sink = _Copies()
         staged = self._walk(state_dict, (), counters, sink)
         event = None
         if sink.device:
@@ -255,13 +258,12 @@ class HostStager:
         src = src.detach()
         buf = self._buffers.get(path)
         if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
-            pin = self.pinned and torch.cuda.is_available()
-            buf = torch.empty(src.shape, dtype=src.dtype, device="cpu", pin_memory=pin)
+            buf = torch.empty(src.shape, dtype=src.dtype, device="cpu", pin_memory=self._pin)
             self._buffers[path] = buf
             counters[1] += _nbytes(buf)
         if sink is None:  # allocate only
             return buf
-        if src.is_cuda and sink.pinned:
+        if src.is_cuda and self._pin:
             sink.device.append((buf, src))  # issued together, non_blocking, on the side stream
         elif src.is_cuda:
             buf.copy_(src)  # pageable: synchronous, on the caller's stream
