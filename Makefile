@@ -4,6 +4,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.*
+LINT_PATHS := kempnerforge launch bench tests
 
 .PHONY: install demo test test-slow test-fast lint bench bench-smoke clean
 
@@ -21,7 +22,8 @@ demo: install
 	$(BIN)/python -m kempnerforge.demo
 
 test: install
-	$(BIN)/ruff check kempnerforge launch bench tests
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
 	$(BIN)/python -m pytest -q tests
 
 test-slow: install
@@ -31,8 +33,8 @@ test-fast: install
 	$(BIN)/python -m pytest -q tests -m "not slurm and not distributed and not slow"
 
 lint: install
-	$(BIN)/ruff check kempnerforge launch bench tests
-	$(BIN)/ruff format --check kempnerforge launch bench tests
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
 
 bench: install
 	$(BIN)/python bench/checkpoint_bench.py

@@ -69,7 +69,9 @@ def instrument() -> None:
             "_state_dict": manager_mod.CheckpointManager._state_dict,
         }
     dcp.save = _timed("dcp.save (write + fsync shards)", orig["dcp.save"])
-    storage.manifest_entries = _timed("manifest (checksum re-reads, if any)", orig["manifest_entries"])
+    storage.manifest_entries = _timed(
+        "manifest (checksum re-reads, if any)", orig["manifest_entries"]
+    )
     for n in _STORAGE_FNS:
         setattr(storage, n, _timed(f"storage.{n}", orig[n]))
     manager_mod.CheckpointManager._state_dict = _timed("get_*_state_dict", orig["_state_dict"])
@@ -134,8 +136,11 @@ def main() -> int:
     if args.floor:  # the fsync'd-write floor at exactly this state's size, same filesystem
         fl = floors.disk_floors(args.dir / "floor", nbytes, (8,), read=False)
         report["floor"] = fl
-        print(f"fsync'd write floor at {nbytes / 1e9:.2f} GB: {fl['write_fsync_gbps']:.2f} GB/s "
-              f"(8 threads) = {nbytes / 1e9 / fl['write_fsync_gbps']:.2f} s", flush=True)
+        print(
+            f"fsync'd write floor at {nbytes / 1e9:.2f} GB: {fl['write_fsync_gbps']:.2f} GB/s "
+            f"(8 threads) = {nbytes / 1e9 / fl['write_fsync_gbps']:.2f} s",
+            flush=True,
+        )
     # Rounds alternate the variants (A, B, A, B, ...): a disk whose rate drifts under sustained
     # writes then penalises every variant alike instead of whichever ran last.
     runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _, _ in variants}
@@ -158,8 +163,11 @@ def main() -> int:
     if args.floor:  # again after the saves: a disk that slows under sustained writes shows here
         fl2 = floors.disk_floors(args.dir / "floor", nbytes, (8,), read=False)
         report["floor_after"] = fl2
-        print(f"fsync'd write floor again after the saves: {fl2['write_fsync_gbps']:.2f} GB/s "
-              f"= {nbytes / 1e9 / fl2['write_fsync_gbps']:.2f} s", flush=True)
+        print(
+            f"fsync'd write floor again after the saves: {fl2['write_fsync_gbps']:.2f} GB/s "
+            f"= {nbytes / 1e9 / fl2['write_fsync_gbps']:.2f} s",
+            flush=True,
+        )
     for label, kind, threads in variants:
         best = min(runs[label], key=lambda r: r["durable_s"])
         report["variants"].append(

@@ -55,7 +55,9 @@ class TrainConfig:
     max_steps: int = 20
     seed: int = 1234
     global_batch_size: int = 8  # sequences per optimizer step, summed over data-parallel ranks
-    micro_batch_size: int = 0  # per rank per forward; 0 = global_batch_size / dp_world (no accumulation)
+    micro_batch_size: int = (
+        0  # per rank per forward; 0 = global_batch_size / dp_world (no accumulation)
+    )
     log_interval: int = 10  # steps between progress lines
     quiet: bool = False
 
@@ -106,7 +108,9 @@ def _to_plain(obj: Any) -> Any:
 def from_dict(cls: type, data: Any, where: str = "", source: str = "<config>") -> Any:
     """Build dataclass ``cls`` from plain ``data``; errors name ``source`` and the dotted key."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: '{where or '<top>'}' must be a mapping, got {type(data).__name__}")
+        raise ConfigError(
+            f"{source}: '{where or '<top>'}' must be a mapping, got {type(data).__name__}"
+        )
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - names)
@@ -223,14 +227,18 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None = None) -> JobConfig:
+def load_config(
+    path: str | os.PathLike[str] | None, overrides: list[str] | None = None
+) -> JobConfig:
     """Read ``path`` (YAML; None for defaults), apply overrides, fill derived defaults."""
     source = str(path) if path is not None else "<defaults>"
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file not found: {p}. Pass --config configs/debug.yaml or another file.")
+            raise ConfigError(
+                f"config file not found: {p}. Pass --config configs/debug.yaml or another file."
+            )
         try:
             loaded = yaml.safe_load(p.read_text())
         except yaml.YAMLError as e:

@@ -91,8 +91,19 @@ def wait_steps(path: Path, n: int, timeout: float, alive=lambda: True) -> None:
 
 def run_reference(args: argparse.Namespace, out: Path) -> None:
     say(f"1/3 uninterrupted reference run: {args.steps} steps, 2 ranks -> {out}")
-    cmd = [sys.executable, str(SUBMIT), "--local", "--nodes", "1", "--tasks-per-node", "2",
-           "--config", args.config, f"output_dir={out}", f"train.max_steps={args.steps}"]
+    cmd = [
+        sys.executable,
+        str(SUBMIT),
+        "--local",
+        "--nodes",
+        "1",
+        "--tasks-per-node",
+        "2",
+        "--config",
+        args.config,
+        f"output_dir={out}",
+        f"train.max_steps={args.steps}",
+    ]
     res = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
     if res.returncode != 0:
         sys.stderr.write(res.stdout[-4000:] + res.stderr[-4000:])
@@ -101,8 +112,19 @@ def run_reference(args: argparse.Namespace, out: Path) -> None:
 
 def run_preempted_slurm(args: argparse.Namespace, out: Path) -> None:
     say(f"2/3 submitting the same job to SLURM: launch/submit.py --nodes 2 -> {out}")
-    cmd = [sys.executable, str(SUBMIT), "--slurm", "--nodes", "2", "--job-name", "kf-demo",
-           "--config", args.config, f"output_dir={out}", f"train.max_steps={args.steps}"]
+    cmd = [
+        sys.executable,
+        str(SUBMIT),
+        "--slurm",
+        "--nodes",
+        "2",
+        "--job-name",
+        "kf-demo",
+        "--config",
+        args.config,
+        f"output_dir={out}",
+        f"train.max_steps={args.steps}",
+    ]
     res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     print(res.stdout, end="")
     m = re.search(r"Submitted job (\d+)", res.stdout)
@@ -117,8 +139,9 @@ def run_preempted_slurm(args: argparse.Namespace, out: Path) -> None:
     seen = None
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
-        res = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True,
-                             text=True, env=_env())
+        res = subprocess.run(
+            ["scontrol", "show", "job", "-o", job], capture_output=True, text=True, env=_env()
+        )
         state = re.search(r"JobState=(\S+)", res.stdout)
         restarts = re.search(r"Restarts=(\d+)", res.stdout)
         now = (state.group(1) if state else "?", restarts.group(1) if restarts else "?")
@@ -129,7 +152,9 @@ def run_preempted_slurm(args: argparse.Namespace, out: Path) -> None:
             break
         time.sleep(0.5)
     if seen is None or seen[0] != "COMPLETED":
-        raise SystemExit(f"[demo] job {job} ended {seen}; see python launch/submit.py --status {job}")
+        raise SystemExit(
+            f"[demo] job {job} ended {seen}; see python launch/submit.py --status {job}"
+        )
     log = Path(out) / "slurm" / f"{job}_0_log.out"
     for line in log.read_text(errors="replace").splitlines():
         if re.search(r"restart \d+ rank 0/|stop requested|requeued job|resumed from step", line):
@@ -138,10 +163,22 @@ def run_preempted_slurm(args: argparse.Namespace, out: Path) -> None:
 
 def run_preempted_local(args: argparse.Namespace, out: Path) -> None:
     say(f"2/3 running the same job with the local launcher (no SLURM) -> {out}")
-    cmd = [sys.executable, str(SUBMIT), "--local", "--nodes", "1", "--tasks-per-node", "2",
-           "--config", args.config, f"output_dir={out}", f"train.max_steps={args.steps}"]
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    cmd = [
+        sys.executable,
+        str(SUBMIT),
+        "--local",
+        "--nodes",
+        "1",
+        "--tasks-per-node",
+        "2",
+        "--config",
+        args.config,
+        f"output_dir={out}",
+        f"train.max_steps={args.steps}",
+    ]
+    proc = subprocess.Popen(
+        cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     metrics = out / "metrics.jsonl"
     wait_steps(metrics, args.preempt_after, 600, alive=lambda: proc.poll() is None)
     say(f"at step {len(read_metrics(metrics))}: kill -USR1 {proc.pid} (the launcher passes it on)")
@@ -171,14 +208,25 @@ def plot(ref: list[dict], got: list[dict], stop: int | None, path: Path, title: 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.plot([r["step"] for r in ref], [r["loss"] for r in ref], lw=4, alpha=0.35,
-            label="uninterrupted")
-    ax.plot([r["step"] for r in got], [r["loss"] for r in got], "k.", ms=4,
-            label="preempted + requeued + resumed")
+    ax.plot(
+        [r["step"] for r in ref], [r["loss"] for r in ref], lw=4, alpha=0.35, label="uninterrupted"
+    )
+    ax.plot(
+        [r["step"] for r in got],
+        [r["loss"] for r in got],
+        "k.",
+        ms=4,
+        label="preempted + requeued + resumed",
+    )
     if stop is not None:
         ax.axvline(stop, color="tab:red", ls="--")
-        ax.annotate(f"SIGUSR1: saved step {stop},\nrequeued, resumed", (stop, ax.get_ylim()[1]),
-                    xytext=(6, -30), textcoords="offset points", color="tab:red")
+        ax.annotate(
+            f"SIGUSR1: saved step {stop},\nrequeued, resumed",
+            (stop, ax.get_ylim()[1]),
+            xytext=(6, -30),
+            textcoords="offset points",
+            color="tab:red",
+        )
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title)
@@ -189,7 +237,9 @@ def plot(ref: list[dict], got: list[dict], stop: int | None, path: Path, title: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kempnerforge.demo", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m kempnerforge.demo", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--config", default=str(REPO / "configs" / "debug.yaml"))
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--preempt-after", type=int, default=15, help="signal once this step is logged")
@@ -200,7 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.preempt_after < args.steps - 2:
         p.error("--preempt-after must be between 1 and --steps - 3")
     if not SUBMIT.is_file():
-        raise SystemExit(f"[demo] {SUBMIT} not found: run the demo from a checkout of the repository")
+        raise SystemExit(
+            f"[demo] {SUBMIT} not found: run the demo from a checkout of the repository"
+        )
     out = Path(args.out).absolute()
     if out.exists():
         shutil.rmtree(out)
@@ -216,8 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     ref = read_metrics(out / "reference" / "metrics.jsonl")
     got = read_metrics(out / "preempted" / "metrics.jsonl")
     want = {r["step"]: r["loss"] for r in ref}
-    exact = bool(got) and {r["step"] for r in got} == set(want) and all(
-        r["loss"] == want[r["step"]] for r in got
+    exact = (
+        bool(got)
+        and {r["step"] for r in got} == set(want)
+        and all(r["loss"] == want[r["step"]] for r in got)
     )
     stop = resume_step(out / "preempted")
     png = out / "loss.png"
@@ -225,8 +279,11 @@ def main(argv: list[str] | None = None) -> int:
     say(f"3/3 comparing {len(got)} logged steps with the reference; plot -> {png}")
     plot(ref, got, stop, png, f"KempnerForge demo ({where}): bit-exact resume = {exact}")
     say(f"done in {time.time() - t0:.0f}s")
-    print(f"resumed at step {stop if stop is not None else '?'}, bit-exact with the uninterrupted "
-          f"run: {'yes' if exact else 'no'}", flush=True)
+    print(
+        f"resumed at step {stop if stop is not None else '?'}, bit-exact with the uninterrupted "
+        f"run: {'yes' if exact else 'no'}",
+        flush=True,
+    )
     return 0 if exact and stop is not None else 1
 
 

@@ -34,20 +34,28 @@ logger = logging.getLogger(__name__)
 class DistributedConfig:
     parallel: str = "auto"  # "auto" (fsdp when world > 1) | "fsdp" | "ddp" | "none"
     backend: str = "auto"  # "auto" (nccl on CUDA, else gloo) | "gloo" | "nccl"
-    intra_op_threads: int = 1  # torch.set_num_threads per rank on CPU, so results do not depend on the launcher
+    intra_op_threads: int = (
+        1  # torch.set_num_threads per rank on CPU, so results do not depend on the launcher
+    )
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     timeout_s: float = 600.0
-    deterministic: bool = True  # on CUDA: deterministic kernels (bit-exact resume); no effect on CPU
+    deterministic: bool = (
+        True  # on CUDA: deterministic kernels (bit-exact resume); no effect on CPU
+    )
 
     def __post_init__(self) -> None:
         if self.parallel not in ("auto", "fsdp", "ddp", "none"):
-            raise ValueError(f"distributed.parallel must be auto|fsdp|ddp|none, got {self.parallel!r}")
+            raise ValueError(
+                f"distributed.parallel must be auto|fsdp|ddp|none, got {self.parallel!r}"
+            )
         if self.backend not in ("auto", "gloo", "nccl"):
             raise ValueError(f"distributed.backend must be auto|gloo|nccl, got {self.backend!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"distributed.device must be auto|cpu|cuda, got {self.device!r}")
         if self.intra_op_threads < 0:
-            raise ValueError(f"distributed.intra_op_threads must be >= 0 (0 = torch default), got {self.intra_op_threads}")
+            raise ValueError(
+                f"distributed.intra_op_threads must be >= 0 (0 = torch default), got {self.intra_op_threads}"
+            )
         if self.timeout_s <= 0:
             raise ValueError(f"distributed.timeout_s must be > 0, got {self.timeout_s}")
 
@@ -146,7 +154,11 @@ def world_info(env: dict[str, str] | None = None) -> WorldInfo:
             nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "")
             hosts = expand_nodelist(nodelist) if nodelist else []
             addr = env.get("MASTER_ADDR") or (hosts[0] if hosts else "127.0.0.1")
-            port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else _slurm_port(env.get("SLURM_JOB_ID", "0"))
+            port = (
+                int(env["MASTER_PORT"])
+                if "MASTER_PORT" in env
+                else _slurm_port(env.get("SLURM_JOB_ID", "0"))
+            )
             return WorldInfo(
                 rank=int(env["SLURM_PROCID"]),
                 world_size=ntasks,
@@ -164,7 +176,9 @@ def world_info(env: dict[str, str] | None = None) -> WorldInfo:
 def resolve_device(cfg: DistributedConfig, info: WorldInfo) -> torch.device:
     if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("distributed.device=cuda but CUDA is not available; use device=cpu or auto")
+            raise RuntimeError(
+                "distributed.device=cuda but CUDA is not available; use device=cpu or auto"
+            )
         idx = info.local_rank % torch.cuda.device_count()
         torch.cuda.set_device(idx)
         return torch.device("cuda", idx)
@@ -199,7 +213,9 @@ def setup(cfg: DistributedConfig) -> tuple[WorldInfo, torch.device]:
             timeout=datetime.timedelta(seconds=cfg.timeout_s),
             device_id=device if backend == "nccl" else None,
         )
-        logger.debug("rank %d/%d joined (%s, %s)", info.rank, info.world_size, backend, info.launcher)
+        logger.debug(
+            "rank %d/%d joined (%s, %s)", info.rank, info.world_size, backend, info.launcher
+        )
     return info, device
 
 
@@ -255,4 +271,8 @@ def wrap_model(model: nn.Module, mode: str, device: torch.device) -> nn.Module:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
+    return (
+        getattr(model, "module", model)
+        if type(model).__name__ == "DistributedDataParallel"
+        else model
+    )

@@ -47,7 +47,9 @@ class FreezeConfig:
     def __post_init__(self) -> None:
         steps = [s.start_step for s in self.stages]
         if len(set(steps)) != len(steps):
-            raise ValueError(f"freeze.stages has two stages with the same start_step: {sorted(steps)}")
+            raise ValueError(
+                f"freeze.stages has two stages with the same start_step: {sorted(steps)}"
+            )
         self.stages = sorted(self.stages, key=lambda s: s.start_step)
 
 
@@ -79,7 +81,12 @@ def canonical_freeze_meta(specs: list[FreezeSpec]) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------- applying specs
 
 # Aliases name the model's top-level parts (see kempnerforge.model.GPT).
-ALIASES: dict[str, str] = {"embedding": "embedding", "blocks": "blocks", "head": "head", "ln_f": "ln_f"}
+ALIASES: dict[str, str] = {
+    "embedding": "embedding",
+    "blocks": "blocks",
+    "head": "head",
+    "ln_f": "ln_f",
+}
 
 
 def resolve_spec(model: Any, module: str) -> list[str]:

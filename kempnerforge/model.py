@@ -35,13 +35,17 @@ class ModelConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name} must be > 0, got {getattr(self, name)}")
         if self.d_model % self.n_head:
-            raise ValueError(f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})")
+            raise ValueError(
+                f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
         if self.init_std <= 0:
             raise ValueError(f"model.init_std must be > 0, got {self.init_std}")
         if self.compute_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"model.compute_dtype must be 'float32' or 'bfloat16', got {self.compute_dtype!r}")
+            raise ValueError(
+                f"model.compute_dtype must be 'float32' or 'bfloat16', got {self.compute_dtype!r}"
+            )
 
 
 class Embedding(nn.Module):
@@ -136,7 +140,9 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Logits, or (with ``targets``) the mean cross-entropy over all tokens."""
         if idx.shape[1] > self.cfg.seq_len:
-            raise ValueError(f"sequence length {idx.shape[1]} exceeds model.seq_len={self.cfg.seq_len}")
+            raise ValueError(
+                f"sequence length {idx.shape[1]} exceeds model.seq_len={self.cfg.seq_len}"
+            )
         x = self.embedding(idx)
         for block in self.blocks:
             x = block(x)

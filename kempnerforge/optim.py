@@ -42,7 +42,9 @@ class OptimConfig:
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ValueError(f"optim.beta1/beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
         if self.decay_steps < 0:
-            raise ValueError(f"optim.decay_steps must be >= 0 (0 = train.max_steps), got {self.decay_steps}")
+            raise ValueError(
+                f"optim.decay_steps must be >= 0 (0 = train.max_steps), got {self.decay_steps}"
+            )
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
@@ -102,7 +104,9 @@ class WarmupCosineSchedule:
     from :func:`lr_at` on construction and after each ``step()``/``load_state_dict``.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> None:
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int
+    ) -> None:
         self.optimizer = optimizer
         self.cfg = cfg
         self.total_steps = cfg.decay_steps or total_steps

@@ -63,9 +63,13 @@ _preempted = False
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m kempnerforge.train", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m kempnerforge.train", description=__doc__.splitlines()[0]
+    )
     p.add_argument("--config", required=True, help="YAML config, e.g. configs/debug.yaml")
-    p.add_argument("--quiet", action="store_true", help="no progress lines (same as train.quiet=true)")
+    p.add_argument(
+        "--quiet", action="store_true", help="no progress lines (same as train.quiet=true)"
+    )
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=50")
     return p.parse_intermixed_args(argv)
 
@@ -126,14 +130,19 @@ class SaveFailedError(RuntimeError):
 # --------------------------------------------------------------------------- the run
 
 
-def train(cfg: JobConfig, info: distributed.WorldInfo, device: torch.device, flag: PreemptionFlag) -> int:
+def train(
+    cfg: JobConfig, info: distributed.WorldInfo, device: torch.device, flag: PreemptionFlag
+) -> int:
     """Run to ``train.max_steps`` (returns 0) or to a preemption stop (returns the exit code)."""
     with contextlib.ExitStack() as cleanup:
         return _train(cfg, info, device, flag, cleanup)
 
 
 def _train(
-    cfg: JobConfig, info: distributed.WorldInfo, device: torch.device, flag: PreemptionFlag,
+    cfg: JobConfig,
+    info: distributed.WorldInfo,
+    device: torch.device,
+    flag: PreemptionFlag,
     cleanup: contextlib.ExitStack,
 ) -> int:
     rank, world = info.rank, info.world_size
@@ -153,8 +162,13 @@ def _train(
     cleanup.callback(ckpt.close)  # drains a save in flight, stops its threads
     logger.info(
         "model: %.2fM params, %d layers, d_model %d | world %d (%s, %s) | %s",
-        num_parameters(raw) / 1e6, cfg.model.n_layer, cfg.model.d_model, world, mode,
-        info.launcher, device,
+        num_parameters(raw) / 1e6,
+        cfg.model.n_layer,
+        cfg.model.d_model,
+        world,
+        mode,
+        info.launcher,
+        device,
     )
 
     # -- resume, in the contract's order --------------------------------------------------------
@@ -170,8 +184,12 @@ def _train(
             scheduler=scheduler, vlm_freeze_expected=canonical_freeze_meta(in_force)
         )
         if step != saved:
-            raise RuntimeError(f"checkpoint metadata said step {saved} but load() restored step {step}")
-        logger.info("resumed from step %d (%d tokens seen) in %s", step, tokens_seen, cfg.checkpoint.dir)
+            raise RuntimeError(
+                f"checkpoint metadata said step {saved} but load() restored step {step}"
+            )
+        logger.info(
+            "resumed from step %d (%d tokens seen) in %s", step, tokens_seen, cfg.checkpoint.dir
+        )
     model = distributed.wrap_model(raw, "ddp", device) if mode == "ddp" else raw
 
     dataset = build_dataset(cfg.data, seq_len, cfg.model.vocab_size)
@@ -181,7 +199,10 @@ def _train(
     if sampler.position != step * gbs:
         logger.warning(
             "data position %d is not step %d x global_batch_size %d (batch size changed?); "
-            "continuing from the saved position", sampler.position, step, gbs,
+            "continuing from the saved position",
+            sampler.position,
+            step,
+            gbs,
         )
 
     metrics = cleanup.enter_context(open_metrics(out_dir / "metrics.jsonl")) if rank == 0 else None
@@ -201,7 +222,10 @@ def _train(
         t = time.perf_counter()
         try:
             ckpt.save(
-                at_step, tokens_seen=tokens_seen, scheduler=scheduler, dataloader=loader,
+                at_step,
+                tokens_seen=tokens_seen,
+                scheduler=scheduler,
+                dataloader=loader,
                 extra={"vlm_freeze": canonical_freeze_meta(in_force)},
             )
         except BaseException as e:  # DCP's CheckpointException is a BaseException
@@ -210,9 +234,13 @@ def _train(
                 raise
             if policy == "exit":
                 raise SaveFailedError(at_step, e) from e
-            logger.error("checkpoint of step %d failed (%s); continuing (on_save_error=continue)", at_step, e)
+            logger.error(
+                "checkpoint of step %d failed (%s); continuing (on_save_error=continue)", at_step, e
+            )
             return
-        logger.info("checkpoint step %d: save() blocked the loop %.3fs", at_step, time.perf_counter() - t)
+        logger.info(
+            "checkpoint step %d: save() blocked the loop %.3fs", at_step, time.perf_counter() - t
+        )
 
     # -- the loop ---------------------------------------------------------------------------------
     max_steps = cfg.train.max_steps
@@ -227,8 +255,12 @@ def _train(
             n = apply_freeze(raw, in_force)
             if mode == "ddp":  # DDP registers trainable params at construction
                 model = distributed.wrap_model(raw, "ddp", device)
-            logger.info("freeze stage at step %d: %s (%d trainable params)",
-                        step + 1, canonical_freeze_meta(in_force), n)
+            logger.info(
+                "freeze stage at step %d: %s (%d trainable params)",
+                step + 1,
+                canonical_freeze_meta(in_force),
+                n,
+            )
 
         model.train()
         micro = loader.next_step(device)
@@ -255,19 +287,32 @@ def _train(
         # One collective: the mean loss for the log and "did any rank get a signal?".
         loss_mean, stop = reduce_loss_and_stop(loss_sum / len(micro), flag.requested)
         if metrics is not None:
-            metrics.write(json.dumps(
-                {"step": step, "loss": loss_mean, "lr": lr, "tokens_seen": tokens_seen}) + "\n")
+            metrics.write(
+                json.dumps({"step": step, "loss": loss_mean, "lr": lr, "tokens_seen": tokens_seen})
+                + "\n"
+            )
             metrics.flush()
         if samples_log is not None:
-            samples_log.write(json.dumps(
-                {"step": step, "samples": loader.last_numbers, "indices": loader.last_indices}) + "\n")
+            samples_log.write(
+                json.dumps(
+                    {"step": step, "samples": loader.last_numbers, "indices": loader.last_indices}
+                )
+                + "\n"
+            )
             samples_log.flush()
         if step % cfg.train.log_interval == 0 or step == max_steps:
             now = time.perf_counter()
             tps = (step - step_log) * gbs * seq_len / max(now - t_log, 1e-9)
             eta = (now - t_start) / max(step - first_step, 1) * (max_steps - step)
-            logger.info("step %d/%d | loss %.4f | lr %.3e | %.0f tok/s | ETA %s",
-                        step, max_steps, loss_mean, lr, tps, fmt_eta(eta))
+            logger.info(
+                "step %d/%d | loss %.4f | lr %.3e | %.0f tok/s | ETA %s",
+                step,
+                max_steps,
+                loss_mean,
+                lr,
+                tps,
+                fmt_eta(eta),
+            )
             t_log, step_log = now, step
 
         periodic = step % cfg.checkpoint.interval == 0 or step == max_steps
@@ -284,10 +329,15 @@ def _train(
         return 0
 
     # -- preemption: save exactly this step, make it durable, requeue, exit 75 --------------------
-    logger.warning("stop requested (%s); saving step %d and exiting with %d",
-                   flag.signal_name or "a signal on another rank", step, cfg.resilience.exit_code)
-    with SaveWatchdog(cfg.resilience.save_watchdog_s, f"preemption save of step {step}",
-                      cfg.resilience.exit_code):
+    logger.warning(
+        "stop requested (%s); saving step %d and exiting with %d",
+        flag.signal_name or "a signal on another rank",
+        step,
+        cfg.resilience.exit_code,
+    )
+    with SaveWatchdog(
+        cfg.resilience.save_watchdog_s, f"preemption save of step {step}", cfg.resilience.exit_code
+    ):
         t = time.perf_counter()
         save(step)
         ckpt.flush_pending_save()
@@ -341,8 +391,12 @@ def main(argv: list[str] | None = None, *, exit_when_preempted: bool = False) ->
         logger.error("config error: %s", e)
         code = 2
     except SaveFailedError as e:
-        logger.error("%s; the previous checkpoint stays latest; exiting with %d "
-                     "(resilience.on_save_error=exit)", e, cfg.resilience.exit_code)
+        logger.error(
+            "%s; the previous checkpoint stays latest; exiting with %d "
+            "(resilience.on_save_error=exit)",
+            e,
+            cfg.resilience.exit_code,
+        )
         code = cfg.resilience.exit_code
     finally:
         flag.uninstall()

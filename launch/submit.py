@@ -204,15 +204,20 @@ class TrainTask:
         child = subprocess.Popen(cmd, env=env, preexec_fn=_ignore(sigs))
         relay.pids.append(child.pid)
         rc = child.wait()
-        print(f"[kempnerforge.launch] job {job_id} restart {restart} rank "
-              f"{jenv.global_rank}: training exited with {rc}", flush=True)
+        print(
+            f"[kempnerforge.launch] job {job_id} restart {restart} rank "
+            f"{jenv.global_rank}: training exited with {rc}",
+            flush=True,
+        )
         sys.stdout.flush()
         if rc == 0:
             return {"job_id": job_id, "restart_count": restart, "rank": jenv.global_rank}
         if rc in (EXIT_REQUEUE, EXIT_REFUSED):
             # No result file: the job is requeued (75) or stopped by the guard (76).
             os._exit(rc)
-        raise RuntimeError(f"training exited with code {rc} (job {job_id}, rank {jenv.global_rank})")
+        raise RuntimeError(
+            f"training exited with code {rc} (job {job_id}, rank {jenv.global_rank})"
+        )
 
 
 def master_port(job_id: str, restart: int) -> int:
@@ -394,13 +399,20 @@ def status(job_id: str, lines: int = 15) -> int:
     info = _scontrol_job(job_id)
     record = _find_record(job_id, info)
     if info is None and record is None:
-        print(f"job {job_id}: unknown to scontrol and no record under ./runs/*/slurm/", file=sys.stderr)
+        print(
+            f"job {job_id}: unknown to scontrol and no record under ./runs/*/slurm/",
+            file=sys.stderr,
+        )
         return 1
     out = [f"job {job_id}"]
     if info:
-        out.append(f"  state:          {info.get('JobState', '?')} (reason {info.get('Reason', '?')})")
+        out.append(
+            f"  state:          {info.get('JobState', '?')} (reason {info.get('Reason', '?')})"
+        )
         out.append(f"  restart count:  {info.get('Restarts', '?')}")
-        out.append(f"  nodes:          {info.get('NodeList', '?')}  run time {info.get('RunTime', '?')}")
+        out.append(
+            f"  nodes:          {info.get('NodeList', '?')}  run time {info.get('RunTime', '?')}"
+        )
         out.append(f"  exit code:      {info.get('ExitCode', '?')}")
     else:
         out.append("  state:          no longer known to slurmctld (no accounting DB to ask)")
@@ -413,8 +425,10 @@ def status(job_id: str, lines: int = 15) -> int:
         if guard.is_file():
             g = json.loads(guard.read_text())
             if str(g.get("job_id")) == job_id:
-                out.append(f"  self-requeues:  {g.get('requeues')}" + (
-                    f"  REFUSED: {g['refused']}" if g.get("refused") else ""))
+                out.append(
+                    f"  self-requeues:  {g.get('requeues')}"
+                    + (f"  REFUSED: {g['refused']}" if g.get("refused") else "")
+                )
     if log:
         out.append(f"  log:            {log}")
         out += ["  | " + ln for ln in _tail(log, lines)]
@@ -432,7 +446,9 @@ def wait_for(job_id: str, timeout_s: float) -> str:
             return "UNKNOWN"
         now = (info.get("JobState"), info.get("Restarts"))
         if now != seen:
-            print(f"[kempnerforge.launch] job {job_id}: {now[0]} (restart count {now[1]})", flush=True)
+            print(
+                f"[kempnerforge.launch] job {job_id}: {now[0]} (restart count {now[1]})", flush=True
+            )
             seen = now
         if now[0] in FINAL_STATES:
             return str(now[0])
@@ -489,7 +505,9 @@ def run_local(args: argparse.Namespace, cfg: Any) -> int:
             procs.append(subprocess.Popen(cmd, env=env, preexec_fn=_ignore(sigs)))
         relay.pids = [p.pid for p in procs]
         codes = _wait_all(procs, grace_s=cfg.resilience.save_watchdog_s + 30)
-        print(f"[kempnerforge.launch] job {job_id} restart {restart}: exit codes {codes}", flush=True)
+        print(
+            f"[kempnerforge.launch] job {job_id} restart {restart}: exit codes {codes}", flush=True
+        )
         if all(c == 0 for c in codes):
             return 0
         if any(c not in (0, EXIT_REQUEUE) for c in codes):
@@ -515,8 +533,10 @@ def _wait_all(procs: list[subprocess.Popen], grace_s: float) -> list[int]:
         if done and first_exit is None:
             first_exit = time.monotonic()
         failed = any(c not in (0, EXIT_REQUEUE) for c in done)
-        if first_exit is not None and ((failed and time.monotonic() - first_exit > 5)
-                                       or time.monotonic() - first_exit > grace_s):
+        if first_exit is not None and (
+            (failed and time.monotonic() - first_exit > 5)
+            or time.monotonic() - first_exit > grace_s
+        ):
             for p in procs:
                 if p.poll() is None:
                     p.terminate()
@@ -548,8 +568,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="training config YAML, e.g. configs/debug.yaml")
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=0)
-    p.add_argument("--tasks-per-node", type=int, default=0,
-                   help="tasks per node (default: --gpus-per-node, or 1 on CPU)")
+    p.add_argument(
+        "--tasks-per-node",
+        type=int,
+        default=0,
+        help="tasks per node (default: --gpus-per-node, or 1 on CPU)",
+    )
     p.add_argument("--cpus-per-task", type=int, default=0, help="default: the cluster's")
     p.add_argument("--partition")
     p.add_argument("--time", default="60", help="SLURM time limit, e.g. 24:00:00 or 90 (minutes)")
@@ -557,17 +581,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qos")
     p.add_argument("--job-name", default="kempnerforge")
     p.add_argument("--signal", default="USR1", help="preemption signal sent to every task")
-    p.add_argument("--signal-lead", type=int, default=120,
-                   help="seconds before the time limit to send the signal (SLURM may be ~30 s late)")
-    p.add_argument("--max-requeues", type=int, default=None,
-                   help="total self-requeues allowed (resilience.max_requeues; 0 = unlimited)")
-    p.add_argument("--folder", help="submitit folder for scripts and logs (default <output_dir>/slurm)")
+    p.add_argument(
+        "--signal-lead",
+        type=int,
+        default=120,
+        help="seconds before the time limit to send the signal (SLURM may be ~30 s late)",
+    )
+    p.add_argument(
+        "--max-requeues",
+        type=int,
+        default=None,
+        help="total self-requeues allowed (resilience.max_requeues; 0 = unlimited)",
+    )
+    p.add_argument(
+        "--folder", help="submitit folder for scripts and logs (default <output_dir>/slurm)"
+    )
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script and exit")
     p.add_argument("--status", metavar="JOB_ID", help="state, restarts, committed step, log tail")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--local", action="store_true", help="run here even if SLURM is reachable")
     mode.add_argument("--slurm", action="store_true", help="fail if SLURM is not reachable")
-    p.add_argument("--wait", action="store_true", help="after submitting, follow the job to its end")
+    p.add_argument(
+        "--wait", action="store_true", help="after submitting, follow the job to its end"
+    )
     p.add_argument("--wait-timeout", type=float, default=24 * 3600.0)
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.max_steps=50")
     return p
@@ -594,7 +630,9 @@ def main(argv: list[str] | None = None) -> int:
             print("[kempnerforge.launch] SLURM not reachable: running locally", flush=True)
         return run_local(args, cfg)
     if not slurm_available():
-        raise SystemExit("error: --slurm given but `sinfo` fails: is SLURM_CONF set / slurmctld up?")
+        raise SystemExit(
+            "error: --slurm given but `sinfo` fails: is SLURM_CONF set / slurmctld up?"
+        )
     job_id = submit_slurm(args, cfg)
     print(f"Submitted job {job_id}", flush=True)
     print(f"  logs:   {_folder(args, cfg)}/{job_id}_<task>_log.out", flush=True)

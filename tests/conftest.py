@@ -10,7 +10,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    skip_slow = pytest.mark.skip(reason="slow soak tier: pass --runslow (a CI-sized variant runs by default)")
+    skip_slow = pytest.mark.skip(
+        reason="slow soak tier: pass --runslow (a CI-sized variant runs by default)"
+    )
     cuda = False
     try:
         import torch

@@ -27,7 +27,9 @@ class CheckpointConfig:
     interval: int = 100  # save every N optimizer steps
     async_mode: AsyncCheckpointMode = AsyncCheckpointMode.disabled
     keep_last_n: int = 3  # <= 0 keeps every checkpoint
-    load_path: str | None = None  # explicit checkpoint to resume from (a step dir or a checkpoint dir)
+    load_path: str | None = (
+        None  # explicit checkpoint to resume from (a step dir or a checkpoint dir)
+    )
     exclude_from_loading: list[str] = field(default_factory=list)  # e.g. ["optimizer"]
     ignore_freeze_mismatch: bool = False
     dir_mode: int = 0o700  # permissions of directories we create
@@ -37,7 +39,9 @@ class CheckpointConfig:
     save_timeout_s: float = 600.0  # a save not durable after this long is reported as hung
 
     def __post_init__(self) -> None:
-        if isinstance(self.async_mode, str) and not isinstance(self.async_mode, AsyncCheckpointMode):
+        if isinstance(self.async_mode, str) and not isinstance(
+            self.async_mode, AsyncCheckpointMode
+        ):
             try:
                 self.async_mode = AsyncCheckpointMode(self.async_mode)
             except ValueError:
@@ -46,9 +50,13 @@ class CheckpointConfig:
                     f"checkpoint.async_mode={self.async_mode!r} is not a mode; use one of: {valid}"
                 ) from None
         if not isinstance(self.async_mode, AsyncCheckpointMode):
-            raise ValueError(f"checkpoint.async_mode must be an AsyncCheckpointMode, got {self.async_mode!r}")
+            raise ValueError(
+                f"checkpoint.async_mode must be an AsyncCheckpointMode, got {self.async_mode!r}"
+            )
         if self.interval <= 0:
-            raise ValueError(f"checkpoint.interval must be > 0 (steps between saves), got {self.interval}")
+            raise ValueError(
+                f"checkpoint.interval must be > 0 (steps between saves), got {self.interval}"
+            )
         if self.writer_threads < 0:
             raise ValueError(
                 f"checkpoint.writer_threads must be >= 0 (0 = automatic), got {self.writer_threads}"
@@ -63,7 +71,9 @@ class CheckpointConfig:
                 f"checkpoint.verify_on_load must be 'none', 'size' or 'full', got {self.verify_on_load!r}"
             )
         if not 0 <= self.dir_mode <= 0o777:
-            raise ValueError(f"checkpoint.dir_mode must be a permission mode like 0o700, got {self.dir_mode!r}")
+            raise ValueError(
+                f"checkpoint.dir_mode must be a permission mode like 0o700, got {self.dir_mode!r}"
+            )
         if self.save_timeout_s <= 0:
             raise ValueError(f"checkpoint.save_timeout_s must be > 0, got {self.save_timeout_s}")
 

@@ -295,11 +295,11 @@ class StagedFileWriter(FileSystemWriter):
         fut.set_result([r for rs in results for r in rs])
         return fut
 
-    def _write_file(
-        self, name: str, items: list[Any], planner: Any, settings: tuple
-    ) -> list[Any]:
+    def _write_file(self, name: str, items: list[Any], planner: Any, settings: tuple) -> list[Any]:
         path = Path(self.path) / name
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o600)
+        fd = os.open(
+            path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o600
+        )
         results = []
         stream = _HashedFd(fd, path)
         try:

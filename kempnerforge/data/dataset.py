@@ -68,7 +68,9 @@ def load_token_file(path: str | Path, dtype: str = "uint16") -> np.ndarray:
         except Exception as e:
             raise ValueError(f"{p}: not a readable .npy token file ({e})") from e
         if arr.dtype not in (np.uint16, np.uint32):
-            raise ValueError(f"{p}: token dtype must be uint16 or uint32, got {arr.dtype}; re-save with astype")
+            raise ValueError(
+                f"{p}: token dtype must be uint16 or uint32, got {arr.dtype}; re-save with astype"
+            )
         return arr.reshape(-1)
     if p.suffix == ".bin":
         itemsize = np.dtype(_DTYPES[dtype]).itemsize
@@ -79,7 +81,9 @@ def load_token_file(path: str | Path, dtype: str = "uint16") -> np.ndarray:
                 "is data.dtype right for this file?"
             )
         return np.memmap(p, dtype=_DTYPES[dtype], mode="r")
-    raise ValueError(f"{p}: unknown token file type {p.suffix!r}; use .npy or .bin (raw uint16/uint32)")
+    raise ValueError(
+        f"{p}: unknown token file type {p.suffix!r}; use .npy or .bin (raw uint16/uint32)"
+    )
 
 
 def synthetic_tokens(n_tokens: int, vocab_size: int, seed: int) -> np.ndarray:
@@ -96,7 +100,9 @@ def synthetic_tokens(n_tokens: int, vocab_size: int, seed: int) -> np.ndarray:
     starts = np.concatenate([[0], np.cumsum(lengths)])
     starts = starts[starts < n_tokens]
     offset = np.arange(n_tokens) - np.repeat(starts, np.diff(np.append(starts, n_tokens)))
-    tokens = np.repeat(rng.integers(0, vocab_size, size=len(starts)), np.diff(np.append(starts, n_tokens)))
+    tokens = np.repeat(
+        rng.integers(0, vocab_size, size=len(starts)), np.diff(np.append(starts, n_tokens))
+    )
     for j in range(1, int(offset.max()) + 1):  # apply succ j times where offset >= j
         mask = offset >= j
         tokens[mask] = succ[tokens[mask]]

@@ -16,7 +16,9 @@ from kempnerforge.data.sampler import GlobalSampler
 
 
 class StepLoader:
-    def __init__(self, dataset: TokenDataset, sampler: GlobalSampler, micro_batch_size: int) -> None:
+    def __init__(
+        self, dataset: TokenDataset, sampler: GlobalSampler, micro_batch_size: int
+    ) -> None:
         per_rank = sampler.global_batch_size // sampler.dp_world
         mbs = micro_batch_size or per_rank
         if per_rank % mbs:

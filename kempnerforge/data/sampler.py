@@ -22,8 +22,13 @@ class GlobalSampler:
     """Deterministic, resumable sample order. State is plain ints."""
 
     def __init__(
-        self, num_samples: int, global_batch_size: int, dp_rank: int, dp_world: int,
-        seed: int, shuffle: bool = True,
+        self,
+        num_samples: int,
+        global_batch_size: int,
+        dp_rank: int,
+        dp_world: int,
+        seed: int,
+        shuffle: bool = True,
     ) -> None:
         if global_batch_size % dp_world:
             raise ValueError(

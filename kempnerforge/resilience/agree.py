@@ -15,8 +15,12 @@ import torch.distributed as dist
 
 def reduce_loss_and_stop(loss: torch.Tensor, stop_local: bool) -> tuple[float, bool]:
     """(mean loss over ranks, whether any rank asked to stop); no collective on one process."""
-    packed = torch.stack([loss.detach().to(torch.float64).reshape(()),
-                          torch.tensor(float(stop_local), dtype=torch.float64, device=loss.device)])
+    packed = torch.stack(
+        [
+            loss.detach().to(torch.float64).reshape(()),
+            torch.tensor(float(stop_local), dtype=torch.float64, device=loss.device),
+        ]
+    )
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(packed, op=dist.ReduceOp.SUM)
         world = dist.get_world_size()

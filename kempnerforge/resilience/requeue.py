@@ -271,4 +271,8 @@ def last_decision(ckpt_dir: str | os.PathLike[str]) -> GuardState | None:
     except (OSError, ValueError):
         return None
     known = set(GuardState.__dataclass_fields__)
-    return GuardState(**{k: v for k, v in raw.items() if k in known}) if isinstance(raw, dict) else None
+    return (
+        GuardState(**{k: v for k, v in raw.items() if k in known})
+        if isinstance(raw, dict)
+        else None
+    )

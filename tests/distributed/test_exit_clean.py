@@ -68,8 +68,12 @@ def test_async_fsdp_run_and_resume_exit_zero(tmp_path: Path) -> None:
 
     Before the fix about 1 run in 5 aborted, so this alone is a weak detector; the two tests
     above pin the mechanism down."""
-    common = ["checkpoint.async_mode=async_with_pinned_mem", "distributed.parallel=fsdp",
-              "distributed.backend=gloo", "distributed.device=cpu"]
+    common = [
+        "checkpoint.async_mode=async_with_pinned_mem",
+        "distributed.parallel=fsdp",
+        "distributed.backend=gloo",
+        "distributed.device=cpu",
+    ]
     for steps in (8, 12):  # the second run resumes from step 8
         p = h.run(tmp_path, [*common, f"train.max_steps={steps}"], nproc=2, quiet=False)
         text = p.stdout + p.stderr

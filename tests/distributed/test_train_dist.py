@@ -16,8 +16,11 @@ pytestmark = pytest.mark.distributed
 N = 12
 GBS = 12
 # A freeze stage inside the run, so FSDP2 (and DDP on 3 ranks) flip requires_grad mid-run.
-STAGE = ["freeze.stages=[{start_step: 5, specs: [{module: embedding}]}]", "data.log_samples=true",
-         f"train.max_steps={N}"]
+STAGE = [
+    "freeze.stages=[{start_step: 5, specs: [{module: embedding}]}]",
+    "data.log_samples=true",
+    f"train.max_steps={N}",
+]
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +44,27 @@ def test_fsdp2_sigusr1_to_every_worker_resume_bit_exact(baseline2: Path, tmp_pat
     h.assert_same_state(h.checkpoint_tensors(tmp_path, N), h.checkpoint_tensors(baseline2, N))
 
 
-def test_stop_on_2_resume_on_3_then_1_consumes_each_sample_once(baseline2: Path, tmp_path: Path) -> None:
+def test_stop_on_2_resume_on_3_then_1_consumes_each_sample_once(
+    baseline2: Path, tmp_path: Path
+) -> None:
     # Only rank 1 gets the signal: the all-reduce agreement stops both ranks after step 4.
-    p = h.run(tmp_path, [*STAGE, "resilience.debug_signal_step=4", "resilience.debug_signal_rank=1"], nproc=2)
+    p = h.run(
+        tmp_path,
+        [*STAGE, "resilience.debug_signal_step=4", "resilience.debug_signal_rank=1"],
+        nproc=2,
+    )
     assert p.returncode != 0 and h.latest_step(tmp_path) == 4, p.stderr[-4000:]
     # 3 ranks, DDP, through the freeze stage (DDP re-wraps); rank 2 alone is signalled at 8.
-    p = h.run(tmp_path, [*STAGE, "distributed.parallel=ddp", "resilience.debug_signal_step=8",
-                         "resilience.debug_signal_rank=2"], nproc=3)
+    p = h.run(
+        tmp_path,
+        [
+            *STAGE,
+            "distributed.parallel=ddp",
+            "resilience.debug_signal_step=8",
+            "resilience.debug_signal_rank=2",
+        ],
+        nproc=3,
+    )
     assert p.returncode != 0 and h.latest_step(tmp_path) == 8, p.stderr[-4000:]
     p = h.run(tmp_path, STAGE)  # one plain process to the end
     assert p.returncode == 0, p.stderr[-4000:]

@@ -21,9 +21,17 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 DEBUG_CONFIG = REPO / "configs" / "debug.yaml"
 # A model smaller than configs/debug.yaml, so each run costs ~1 s of compute on 2 cores.
-TINY = ["model.n_layer=2", "model.d_model=32", "model.n_head=2", "model.seq_len=32",
-        "train.global_batch_size=12", "data.synthetic_tokens=20000", "checkpoint.interval=4",
-        "optim.warmup_steps=3", "--quiet"]
+TINY = [
+    "model.n_layer=2",
+    "model.d_model=32",
+    "model.n_head=2",
+    "model.seq_len=32",
+    "train.global_batch_size=12",
+    "data.synthetic_tokens=20000",
+    "checkpoint.interval=4",
+    "optim.warmup_steps=3",
+    "--quiet",
+]
 
 
 def env() -> dict[str, str]:
@@ -35,13 +43,21 @@ def train_cmd(out: Path, overrides: list[str], nproc: int = 0) -> list[str]:
     """``nproc == 0``: plain python; otherwise torchrun --standalone with nproc workers."""
     base = [sys.executable, "-m", "kempnerforge.train"]
     if nproc:
-        base = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                f"--nproc_per_node={nproc}", "-m", "kempnerforge.train"]
+        base = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "kempnerforge.train",
+        ]
     return [*base, "--config", str(DEBUG_CONFIG), f"output_dir={out}", *TINY, *overrides]
 
 
-def run(out: Path, overrides: list[str], nproc: int = 0, timeout: float = 240,
-        quiet: bool = True) -> subprocess.CompletedProcess:
+def run(
+    out: Path, overrides: list[str], nproc: int = 0, timeout: float = 240, quiet: bool = True
+) -> subprocess.CompletedProcess:
     cmd = train_cmd(out, overrides, nproc)
     if not quiet:
         cmd.remove("--quiet")
@@ -109,15 +125,22 @@ def worker_pids(proc: subprocess.Popen, nproc: int) -> list[int]:
     raise AssertionError(f"torchrun did not start {nproc} workers")
 
 
-def signal_at(out: Path, overrides: list[str], step: int, sig: int = signal.SIGUSR1,
-              nproc: int = 0) -> tuple[int, str]:
+def signal_at(
+    out: Path, overrides: list[str], step: int, sig: int = signal.SIGUSR1, nproc: int = 0
+) -> tuple[int, str]:
     """Start a run, wait until metrics.jsonl shows ``step``, send ``sig`` to every worker.
 
     torchrun does not forward SIGUSR1 (it would die of it), so the signal goes to each worker,
     as docs/training.md tells users to do. Returns (exit code, output).
     """
-    proc = subprocess.Popen(train_cmd(out, overrides, nproc), env=env(), cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        train_cmd(out, overrides, nproc),
+        env=env(),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         wait_for_step(out, step, proc)
         for pid in worker_pids(proc, nproc):
@@ -131,7 +154,9 @@ def signal_at(out: Path, overrides: list[str], step: int, sig: int = signal.SIGU
 
 def saved_steps(out: Path) -> list[int]:
     ck = out / "checkpoints"
-    return sorted(int(p.name.split("_")[1]) for p in ck.glob("step_*") if p.name.split("_")[1].isdigit())
+    return sorted(
+        int(p.name.split("_")[1]) for p in ck.glob("step_*") if p.name.split("_")[1].isdigit()
+    )
 
 
 def latest_step(out: Path) -> int:

@@ -49,8 +49,13 @@ def job_info(job_id: str) -> dict[str, str]:
     return dict(re.findall(r"(\w+(?::\w+)?)=(\S*)", res.stdout))
 
 
-def wait_until(what: str, pred: Callable[[], bool], timeout: float, job_id: str | None = None,
-               poll: float = 0.2) -> None:
+def wait_until(
+    what: str,
+    pred: Callable[[], bool],
+    timeout: float,
+    job_id: str | None = None,
+    poll: float = 0.2,
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if pred():
@@ -58,8 +63,10 @@ def wait_until(what: str, pred: Callable[[], bool], timeout: float, job_id: str 
         if job_id is not None and job_info(job_id).get("JobState") in FINAL and not pred():
             raise AssertionError(f"job {job_id} ended ({job_info(job_id)}) before: {what}")
         time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for: {what}"
-                         + (f"; job {job_info(job_id)}" if job_id else ""))
+    raise AssertionError(
+        f"timed out after {timeout:.0f}s waiting for: {what}"
+        + (f"; job {job_info(job_id)}" if job_id else "")
+    )
 
 
 def wait_final(job_id: str, timeout: float = 300) -> dict[str, str]:
@@ -88,8 +95,9 @@ def signal_job(job_id: str, sig: str = "USR1") -> None:
     assert res.returncode == 0, res.stderr
 
 
-def preempt_at(job_id: str, metrics_path: Path, restart: int, min_new_lines: int,
-               timeout: float = 180) -> None:
+def preempt_at(
+    job_id: str, metrics_path: Path, restart: int, min_new_lines: int, timeout: float = 180
+) -> None:
     """Once run ``restart`` has logged ``min_new_lines`` more steps, send USR1 to every task."""
     base = n_metrics(metrics_path) if restart else 0
     wait_until(
@@ -120,8 +128,19 @@ def assert_bit_exact(got_path: Path, ref: dict[int, float]) -> None:
 def reference_losses(out: Path) -> dict[int, float]:
     """An uninterrupted run of the same job and world size, by the local launcher (no SLURM)."""
     res = run(
-        [PYTHON, SUBMIT, "--local", "--nodes", "1", "--tasks-per-node", str(WORLD),
-         "--config", DEBUG_CONFIG, f"output_dir={out}", *TINY],
+        [
+            PYTHON,
+            SUBMIT,
+            "--local",
+            "--nodes",
+            "1",
+            "--tasks-per-node",
+            str(WORLD),
+            "--config",
+            DEBUG_CONFIG,
+            f"output_dir={out}",
+            *TINY,
+        ],
         timeout=300,
         cwd=out.parent,
     )

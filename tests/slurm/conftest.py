@@ -47,9 +47,14 @@ def _alive(pidfile: Path) -> bool:
 
 
 def _cancel_test_jobs() -> None:
-    res = subprocess.run(["squeue", "-h", "-o", "%i %j"], capture_output=True, text=True, timeout=30)
-    ids = [ln.split()[0] for ln in res.stdout.splitlines() if ln.split()[1:2] and
-           ln.split()[1].startswith(JOB_PREFIX)]
+    res = subprocess.run(
+        ["squeue", "-h", "-o", "%i %j"], capture_output=True, text=True, timeout=30
+    )
+    ids = [
+        ln.split()[0]
+        for ln in res.stdout.splitlines()
+        if ln.split()[1:2] and ln.split()[1].startswith(JOB_PREFIX)
+    ]
     if ids:
         subprocess.run(["scancel", "--full", *ids], capture_output=True, timeout=30)
 

@@ -41,8 +41,18 @@ pytestmark = pytest.mark.slurm
 
 def _submit_args(tmp_path: Path, name: str, *extra: str) -> list[str]:
     return [
-        "--slurm", "--nodes", "2", "--job-name", f"kftest-{name}", "--config", str(DEBUG_CONFIG),
-        "--folder", str(tmp_path / "slurm"), *extra, f"output_dir={tmp_path / 'run'}", *TINY,
+        "--slurm",
+        "--nodes",
+        "2",
+        "--job-name",
+        f"kftest-{name}",
+        "--config",
+        str(DEBUG_CONFIG),
+        "--folder",
+        str(tmp_path / "slurm"),
+        *extra,
+        f"output_dir={tmp_path / 'run'}",
+        *TINY,
     ]
 
 
@@ -84,8 +94,21 @@ def test_partition_preemption(slurm_cluster, reference, tmp_path):
     m = tmp_path / "run" / "metrics.jsonl"
     wait_until("3 steps", lambda: n_metrics(m) >= 3, 180, job)
     # A job in the higher-priority partition that needs every CPU of every node.
-    res = run(["sbatch", "--parsable", "-p", "high", "-N", "4", "--ntasks-per-node=2",
-               "--job-name=kftest-high", f"--output={tmp_path}/high.out", "--wrap", "sleep 2"])
+    res = run(
+        [
+            "sbatch",
+            "--parsable",
+            "-p",
+            "high",
+            "-N",
+            "4",
+            "--ntasks-per-node=2",
+            "--job-name=kftest-high",
+            f"--output={tmp_path}/high.out",
+            "--wrap",
+            "sleep 2",
+        ]
+    )
     assert res.returncode == 0, res.stderr
     high = res.stdout.strip().split(";")[0]
     assert wait_final(high, 240)["JobState"] == "COMPLETED"
@@ -121,8 +144,12 @@ TEMPLATES = {
     # template: sbatch options that fit it onto the dev cluster's nodes (2 CPUs, 2 pretend GPUs)
     "cpu.sbatch": [],
     "single-node.sbatch": ["--ntasks-per-node=2", "--gpus-per-node=2", "--cpus-per-task=1"],
-    "multi-node.sbatch": ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1",
-                          "--cpus-per-task=1"],
+    "multi-node.sbatch": [
+        "--nodes=2",
+        "--ntasks-per-node=1",
+        "--gpus-per-node=1",
+        "--cpus-per-task=1",
+    ],
 }
 
 
@@ -131,9 +158,20 @@ def test_sbatch_template(slurm_cluster, reference, tmp_path, template):
     logs = tmp_path / "logs"
     logs.mkdir()
     out = tmp_path / "run dir"  # a space: overrides must reach the tasks without word splitting
-    res = run(["sbatch", "--parsable", f"--job-name=kftest-{template}", f"--output={logs}/%x-%j.out",
-               *TEMPLATES[template], REPO / "slurm" / template, DEBUG_CONFIG,
-               f"output_dir={out}", *TINY], cwd=REPO)
+    res = run(
+        [
+            "sbatch",
+            "--parsable",
+            f"--job-name=kftest-{template}",
+            f"--output={logs}/%x-%j.out",
+            *TEMPLATES[template],
+            REPO / "slurm" / template,
+            DEBUG_CONFIG,
+            f"output_dir={out}",
+            *TINY,
+        ],
+        cwd=REPO,
+    )
     assert res.returncode == 0, res.stderr
     job = res.stdout.strip().split(";")[0]
     m = out / "metrics.jsonl"
@@ -163,9 +201,18 @@ def test_guard_stops_a_job_that_never_progresses(slurm_cluster, tmp_path):
     script = tmp_path / "stuck.py"
     script.write_text(GUARD_SCRIPT)
     log = tmp_path / "stuck.out"
-    res = run(["sbatch", "--parsable", "--requeue", "--open-mode=append", "--job-name=kftest-stuck",
-               f"--output={log}", "--wrap",
-               f"echo restart=${{SLURM_RESTART_COUNT:-0}}; exec {PYTHON} {script} {tmp_path / 'ckpt'}"])
+    res = run(
+        [
+            "sbatch",
+            "--parsable",
+            "--requeue",
+            "--open-mode=append",
+            "--job-name=kftest-stuck",
+            f"--output={log}",
+            "--wrap",
+            f"echo restart=${{SLURM_RESTART_COUNT:-0}}; exec {PYTHON} {script} {tmp_path / 'ckpt'}",
+        ]
+    )
     assert res.returncode == 0, res.stderr
     job = res.stdout.strip().split(";")[0]
     info = wait_final(job, 120)
@@ -186,9 +233,23 @@ def test_local_launcher_preempted_bit_exact(reference, tmp_path):
     for k in [k for k in env if k.startswith("SLURM_")]:
         del env[k]
     proc = subprocess.Popen(
-        [PYTHON, SUBMIT, "--local", "--nodes", "1", "--tasks-per-node", "2", "--config",
-         str(DEBUG_CONFIG), f"output_dir={out}", *TINY],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            PYTHON,
+            SUBMIT,
+            "--local",
+            "--nodes",
+            "1",
+            "--tasks-per-node",
+            "2",
+            "--config",
+            str(DEBUG_CONFIG),
+            f"output_dir={out}",
+            *TINY,
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         deadline = time.monotonic() + 180

@@ -48,8 +48,10 @@ def _equal(a: dict, b: dict) -> None:
             _equal(v, b[k])
         elif isinstance(v, torch.Tensor):
             assert v.dtype == b[k].dtype and v.shape == b[k].shape, k
-            assert torch.equal(v.contiguous().view(-1).view(torch.uint8),
-                               b[k].contiguous().view(-1).view(torch.uint8)), k
+            assert torch.equal(
+                v.contiguous().view(-1).view(torch.uint8),
+                b[k].contiguous().view(-1).view(torch.uint8),
+            ), k
         else:
             assert v == b[k], k
 
@@ -77,8 +79,11 @@ def test_same_bytes_as_dcp_filesystemwriter_can_read(tmp_path: Path) -> None:
     """A checkpoint written by torch's own writer and one written by ours load to the same state."""
     sd = _state()
     dcp.save(sd, storage_writer=FileSystemWriter(tmp_path / "dcp", thread_count=2), no_dist=True)
-    dcp.save(sd, storage_writer=make_writer(tmp_path / "ours", thread_count=2, digests=None),
-             no_dist=True)
+    dcp.save(
+        sd,
+        storage_writer=make_writer(tmp_path / "ours", thread_count=2, digests=None),
+        no_dist=True,
+    )
     a, b = _blank(sd), _blank(sd)
     dcp.load(a, storage_reader=FileSystemReader(tmp_path / "dcp"), no_dist=True)
     dcp.load(b, storage_reader=FileSystemReader(tmp_path / "ours"), no_dist=True)
@@ -88,8 +93,9 @@ def test_same_bytes_as_dcp_filesystemwriter_can_read(tmp_path: Path) -> None:
 def test_crc_setting_restored_after_success_and_failure(tmp_path: Path) -> None:
     get = torch.serialization.get_crc32_options
     assert get() is True
-    dcp.save(_state(), storage_writer=StagedFileWriter(tmp_path / "ok", thread_count=2),
-             no_dist=True)
+    dcp.save(
+        _state(), storage_writer=StagedFileWriter(tmp_path / "ok", thread_count=2), no_dist=True
+    )
     assert get() is True
     bad = tmp_path / "bad"
     (bad / "__0_1.distcp").mkdir(parents=True)  # the second shard file cannot be opened
@@ -125,8 +131,7 @@ def test_later_saves_write_the_same_bytes_without_torch_save(tmp_path: Path) -> 
     real_save = torch.save
     torch.save = lambda *a, **k: (calls.append(a), real_save(*a, **k))[1]  # count, still save
     try:
-        dcp.save(sd, storage_writer=StagedFileWriter(tmp_path / "b", thread_count=2),
-                 no_dist=True)
+        dcp.save(sd, storage_writer=StagedFileWriter(tmp_path / "b", thread_count=2), no_dist=True)
     finally:
         torch.save = real_save
     tensor_calls = [a for a in calls if isinstance(a[0], torch.Tensor) and a[0].numel() > 0]
@@ -134,8 +139,10 @@ def test_later_saves_write_the_same_bytes_without_torch_save(tmp_path: Path) -> 
     for f in sorted((tmp_path / "a").glob("*.distcp")):
         assert f.read_bytes() == (tmp_path / "b" / f.name).read_bytes(), f.name
 
-    sd2 = {k: (v * 3 if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
-           for k, v in sd.items()}
+    sd2 = {
+        k: (v * 3 if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+        for k, v in sd.items()
+    }
     dcp.save(sd2, storage_writer=StagedFileWriter(tmp_path / "c", thread_count=3), no_dist=True)
     out = _blank(sd2)
     dcp.load(out, storage_reader=FileSystemReader(tmp_path / "c"), no_dist=True)

@@ -46,14 +46,36 @@ def test_expand_nodelist(nodelist: str, hosts: list[str]) -> None:
 
 
 def test_world_info_sources() -> None:
-    w = world_info({"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1",
-                    "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "123456"})
-    assert (w.rank, w.world_size, w.local_rank, w.master_addr, w.launcher) == (3, 4, 1, "gpu07", "slurm")
+    w = world_info(
+        {
+            "SLURM_PROCID": "3",
+            "SLURM_NTASKS": "4",
+            "SLURM_LOCALID": "1",
+            "SLURM_JOB_NODELIST": "gpu[07-08]",
+            "SLURM_JOB_ID": "123456",
+        }
+    )
+    assert (w.rank, w.world_size, w.local_rank, w.master_addr, w.launcher) == (
+        3,
+        4,
+        1,
+        "gpu07",
+        "slurm",
+    )
     assert 20000 <= w.master_port < 30000
-    w2 = world_info({"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_NODELIST": "gpu[07-08]",
-                     "SLURM_JOB_ID": "123456", "MASTER_PORT": "4242"})
+    w2 = world_info(
+        {
+            "SLURM_PROCID": "0",
+            "SLURM_NTASKS": "4",
+            "SLURM_JOB_NODELIST": "gpu[07-08]",
+            "SLURM_JOB_ID": "123456",
+            "MASTER_PORT": "4242",
+        }
+    )
     assert w2.master_port == 4242
-    t = world_info({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "9"})
+    t = world_info(
+        {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "9"}
+    )
     assert (t.rank, t.world_size, t.launcher) == (1, 2, "torchrun")
     assert world_info({}).launcher == "single"
     assert world_info({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}).world_size == 1

@@ -26,7 +26,9 @@ def trainable(model: GPT) -> set[str]:
 def test_aliases_and_patterns() -> None:
     apply_freeze(M, [FreezeSpec("embedding"), FreezeSpec("head")])
     t = trainable(M)
-    assert not any(n.startswith(("embedding.", "head.")) for n in t) and "blocks.0.mlp.fc.weight" in t
+    assert (
+        not any(n.startswith(("embedding.", "head.")) for n in t) and "blocks.0.mlp.fc.weight" in t
+    )
     apply_freeze(M, [FreezeSpec("blocks"), FreezeSpec("blocks.2", frozen=False)])  # later wins
     t = trainable(M)
     assert {n.split(".")[1] for n in t if n.startswith("blocks.")} == {"2"}
@@ -45,8 +47,13 @@ def test_unknown_alias_is_a_config_error() -> None:
 
 
 def test_stage_schedule_and_yaml() -> None:
-    cfg = load_config(None, ["freeze.base=[{module: embedding}]",
-                             "freeze.stages=[{start_step: 5, specs: [{module: embedding, frozen: false}]}]"])
+    cfg = load_config(
+        None,
+        [
+            "freeze.base=[{module: embedding}]",
+            "freeze.stages=[{start_step: 5, specs: [{module: embedding, frozen: false}]}]",
+        ],
+    )
     assert effective_freeze(cfg.freeze, 4) == [FreezeSpec("embedding", True)]
     assert effective_freeze(cfg.freeze, 5) == [FreezeSpec("embedding", False)]
 

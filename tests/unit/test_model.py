@@ -45,7 +45,9 @@ def test_too_long_sequence_is_an_error() -> None:
         GPT(CFG)(torch.zeros(1, 17, dtype=torch.long))
 
 
-@pytest.mark.parametrize("bad", [{"d_model": 30, "n_head": 4}, {"n_layer": 0}, {"compute_dtype": "fp8"}])
+@pytest.mark.parametrize(
+    "bad", [{"d_model": 30, "n_head": 4}, {"n_layer": 0}, {"compute_dtype": "fp8"}]
+)
 def test_bad_model_config(bad: dict) -> None:
     with pytest.raises(ValueError, match="model"):
         ModelConfig(**bad)

@@ -19,9 +19,11 @@ import train_harness as h
 N = 12
 # Embedding frozen from the start, unfrozen after step 6 while blocks.0 freezes; blocks.0
 # unfreezes after step 9 and must continue from the AdamW moments it had at step 6.
-FREEZE = ["freeze.base=[{module: embedding}]",
-          "freeze.stages=[{start_step: 6, specs: [{module: embedding, frozen: false}, {module: 'blocks.0'}]},"
-          " {start_step: 9, specs: [{module: 'blocks.0', frozen: false}]}]"]
+FREEZE = [
+    "freeze.base=[{module: embedding}]",
+    "freeze.stages=[{start_step: 6, specs: [{module: embedding, frozen: false}, {module: 'blocks.0'}]},"
+    " {start_step: 9, specs: [{module: 'blocks.0', frozen: false}]}]",
+]
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +68,11 @@ def test_sigusr1_random_step_resume_bit_exact(baseline: Path, tmp_path: Path) ->
 
 def test_stop_at_interval_step_saves_once(tmp_path: Path) -> None:
     """A signal at a periodic-save step: one checkpoint of that step, not two."""
-    p = h.run(tmp_path, [f"train.max_steps={N}", "resilience.debug_signal_step=4",
-                         "train.log_interval=2"], quiet=False)
+    p = h.run(
+        tmp_path,
+        [f"train.max_steps={N}", "resilience.debug_signal_step=4", "train.log_interval=2"],
+        quiet=False,
+    )
     assert p.returncode == 75, p.stderr[-3000:]
     assert h.saved_steps(tmp_path) == [4]
     assert p.stderr.count("save() blocked the loop") == 1
@@ -75,8 +80,12 @@ def test_stop_at_interval_step_saves_once(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("signal_step", [5, 6, 7])  # stage start_step=6: before, at, after
-def test_freeze_transition_resume_bit_exact(freeze_baseline: Path, tmp_path: Path, signal_step: int) -> None:
-    rc = h.run_inproc(tmp_path, [f"train.max_steps={N}", *FREEZE, f"resilience.debug_signal_step={signal_step}"])
+def test_freeze_transition_resume_bit_exact(
+    freeze_baseline: Path, tmp_path: Path, signal_step: int
+) -> None:
+    rc = h.run_inproc(
+        tmp_path, [f"train.max_steps={N}", *FREEZE, f"resilience.debug_signal_step={signal_step}"]
+    )
     assert rc == 75
     assert h.latest_step(tmp_path) == signal_step
     assert h.run_inproc(tmp_path, [f"train.max_steps={N}", *FREEZE]) == 0
@@ -93,12 +102,17 @@ def test_freeze_changes_training(baseline: Path, freeze_baseline: Path) -> None:
     init_frz = h.checkpoint_tensors(freeze_baseline, 8)
     key = "model.embedding.tok.weight"
     assert not (base_emb[key] == frz[key]).all()  # trained in the plain run
-    assert (frz["model.blocks.0.attn.qkv.weight"] != init_frz["model.blocks.0.attn.qkv.weight"]).any()
+    assert (
+        frz["model.blocks.0.attn.qkv.weight"] != init_frz["model.blocks.0.attn.qkv.weight"]
+    ).any()
 
 
 def test_three_preemptions_in_a_row(baseline: Path, tmp_path: Path) -> None:
     for stop in (3, 6, 9):
-        assert h.run_inproc(tmp_path, [f"train.max_steps={N}", f"resilience.debug_signal_step={stop}"]) == 75
+        assert (
+            h.run_inproc(tmp_path, [f"train.max_steps={N}", f"resilience.debug_signal_step={stop}"])
+            == 75
+        )
         assert h.latest_step(tmp_path) == stop
     assert h.run_inproc(tmp_path, [f"train.max_steps={N}"]) == 0
     assert h.metrics(tmp_path) == h.metrics(baseline)
@@ -107,8 +121,13 @@ def test_three_preemptions_in_a_row(baseline: Path, tmp_path: Path) -> None:
 
 def test_sigkill_at_random_moment_resumes_from_last_commit(baseline: Path, tmp_path: Path) -> None:
     rng = random.Random()
-    proc = subprocess.Popen(h.train_cmd(tmp_path, [f"train.max_steps={N}", "checkpoint.interval=3"]),
-                            env=h.env(), cwd=h.REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        h.train_cmd(tmp_path, [f"train.max_steps={N}", "checkpoint.interval=3"]),
+        env=h.env(),
+        cwd=h.REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         h.wait_for_step(tmp_path, rng.randint(3, N - 3), proc)
         time.sleep(rng.random() * 0.2)  # anywhere: mid-step, mid-save, mid-write

@@ -16,7 +16,9 @@ def test_decay_groups() -> None:
     opt = build_optimizer(GPT(CFG), OptimConfig(weight_decay=0.1))
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(
+        p.dim() < 2 for p in no_decay["params"]
+    )
 
 
 def test_prefilled_state_matches_lazy_adamw() -> None:
@@ -26,9 +28,17 @@ def test_prefilled_state_matches_lazy_adamw() -> None:
     models = [GPT(CFG, seed=3), GPT(CFG, seed=3)]
     ours = build_optimizer(models[0], cfg)
     lazy = torch.optim.AdamW(
-        [{"params": [p for p in models[1].parameters() if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-         {"params": [p for p in models[1].parameters() if p.dim() < 2], "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+        [
+            {
+                "params": [p for p in models[1].parameters() if p.dim() >= 2],
+                "weight_decay": cfg.weight_decay,
+            },
+            {"params": [p for p in models[1].parameters() if p.dim() < 2], "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+    )
     assert len(ours.state) == sum(1 for _ in models[0].parameters()) and not lazy.state
     for _ in range(3):
         for m, o in zip(models, (ours, lazy)):

@@ -22,17 +22,28 @@ STOP = 5
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
-        assert proc.poll() is None, f"run ended early with {proc.returncode}: {proc.stderr.read()[-3000:]}"
+        assert proc.poll() is None, (
+            f"run ended early with {proc.returncode}: {proc.stderr.read()[-3000:]}"
+        )
         assert time.monotonic() < deadline, f"{path.name} never appeared"
         time.sleep(0.05)
 
 
 def _start(out: Path, overrides: list[str], pause: str, marker: Path) -> subprocess.Popen:
     marker.mkdir()
-    env = {**h.env(), "KEMPNERFORGE_CKPT_TEST_PAUSE": pause,
-           "KEMPNERFORGE_CKPT_TEST_PAUSE_MARKER": str(marker)}
-    return subprocess.Popen(h.train_cmd(out, overrides), env=env, cwd=h.REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {
+        **h.env(),
+        "KEMPNERFORGE_CKPT_TEST_PAUSE": pause,
+        "KEMPNERFORGE_CKPT_TEST_PAUSE_MARKER": str(marker),
+    }
+    return subprocess.Popen(
+        h.train_cmd(out, overrides),
+        env=env,
+        cwd=h.REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_second_signal_during_the_stop_save_does_not_break_it(tmp_path: Path) -> None:
@@ -41,8 +52,11 @@ def test_second_signal_during_the_stop_save_does_not_break_it(tmp_path: Path) ->
     assert ref.returncode == 0, ref.stderr[-3000:]
 
     out = tmp_path / "run"
-    overrides = [f"train.max_steps={N}", "checkpoint.interval=100",
-                 f"resilience.debug_signal_step={STOP}"]
+    overrides = [
+        f"train.max_steps={N}",
+        "checkpoint.interval=100",
+        f"resilience.debug_signal_step={STOP}",
+    ]
     proc = _start(out, overrides, "train_state_write=3", tmp_path / "marker")
     _wait_for(tmp_path / "marker" / "train_state_write.0", proc)
     os.kill(proc.pid, signal.SIGUSR1)  # again, while the stop save is half written
@@ -58,8 +72,12 @@ def test_second_signal_during_the_stop_save_does_not_break_it(tmp_path: Path) ->
 
 def test_watchdog_ends_a_hung_stop_save_with_the_preemption_code(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    overrides = [f"train.max_steps={N}", "checkpoint.interval=100",
-                 f"resilience.debug_signal_step={STOP}", "resilience.save_watchdog_s=1"]
+    overrides = [
+        f"train.max_steps={N}",
+        "checkpoint.interval=100",
+        f"resilience.debug_signal_step={STOP}",
+        "resilience.save_watchdog_s=1",
+    ]
     proc = _start(out, overrides, "pre_commit=600", tmp_path / "marker")
     _, err = proc.communicate(timeout=120)  # without the watchdog this would sleep 600 s
     assert proc.returncode == 75, err[-3000:]
