@@ -26,11 +26,7 @@ from typing import Any
 import torch
 
 from kempnerforge.checkpoint import storage
-from kempnerforge.checkpoint.safe_unpickle import (
-    CheckpointFormatError,
-    load_dcp_metadata,
-    load_metadata_json,
-)
+from kempnerforge.checkpoint.safe_unpickle import CheckpointFormatError, load_dcp_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +95,7 @@ def _classify(path: Path, step: int, committed_name: bool) -> StepEntry:
         entry.problem = "interrupted save (never committed)"
         return entry
     try:
-        entry.meta = load_metadata_json(path)
+        entry.meta = storage.load_metadata(path)
     except CheckpointFormatError as e:
         entry.problem = str(e)
         return entry
@@ -170,7 +166,7 @@ def verify_step(step_dir: Path, checksums: bool = True) -> list[str]:
     """
     problems: list[str] = []
     try:
-        meta = load_metadata_json(step_dir)
+        meta = storage.load_metadata(step_dir)
     except CheckpointFormatError as e:
         return [str(e)]
     problems += [
@@ -278,7 +274,7 @@ def _saved_world_size(md: Any, meta: dict) -> int | None:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     step_dir = _resolve_step_dir(Path(args.path))
-    meta = load_metadata_json(step_dir)
+    meta = storage.load_metadata(step_dir)
     md = load_dcp_metadata(step_dir)
     print(f"checkpoint: {step_dir}")
     shown = {k: v for k, v in meta.items() if k != "manifest"}
@@ -393,7 +389,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                 "export to .safetensors needs the safetensors package: "
                 "pip install 'kempnerforge[export]'"
             ) from None
-        meta = load_metadata_json(step_dir)
+        meta = storage.load_metadata(step_dir)
         save_file(tensors, str(tmp), metadata={"step": str(meta.get("step")), "format": "pt"})
     elif dest.suffix in (".pt", ".pth", ".bin"):
         torch.save(tensors, tmp)

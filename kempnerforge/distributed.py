@@ -1,12 +1,8 @@
-"""World setup from torchrun / srun / a single process; process groups; FSDP2 or DDP wrapping.
+"""Process group setup from the job environment; FSDP2 or DDP wrapping.
 
-This is the only module that reads launcher environment variables. The order of precedence:
-
-1. torchrun (or anything that sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``);
-2. SLURM tasks (``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``), with the master address
-   taken as the first host of ``SLURM_JOB_NODELIST`` and the port derived from
-   ``SLURM_JOB_ID`` (unless ``MASTER_ADDR``/``MASTER_PORT`` are set);
-3. otherwise one process, no process group.
+Where this process sits (rank, world, master address and port) comes from
+:class:`kempnerforge.launch.environment.JobEnvironment`, the one reader of launcher variables:
+torchrun-style variables, else SLURM tasks, else a single process without a process group.
 
 Results must not depend on the launcher, so the intra-op thread count is set here from the
 config rather than inherited from whatever ``OMP_NUM_THREADS`` the launcher chose.
@@ -18,13 +14,13 @@ import datetime
 import gc
 import logging
 import os
-import re
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from kempnerforge.launch.environment import JobEnvironment
 from kempnerforge.nccl import NCCL_SAFE_DEFAULTS
 
 logger = logging.getLogger(__name__)
@@ -60,120 +56,10 @@ class DistributedConfig:
             raise ValueError(f"distributed.timeout_s must be > 0, got {self.timeout_s}")
 
 
-@dataclass(frozen=True)
-class WorldInfo:
-    """Where this process sits. ``launcher`` is "torchrun", "slurm" or "single"."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    master_addr: str
-    master_port: int
-    launcher: str
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-# --------------------------------------------------------------------------- SLURM helpers
-
-
-def expand_nodelist(nodelist: str) -> list[str]:
-    """Expand a SLURM hostlist: ``n[1-4]``, ``a,b``, ``gpu[01-03,07]``, ``r[1-2]-n[1-2]``.
-
-    Zero padding of ranges is kept (``gpu[01-03]`` -> gpu01, gpu02, gpu03).
-    """
-    hosts: list[str] = []
-    for item in _split_top_level(nodelist.strip()):
-        if item:
-            hosts.extend(_expand_one(item))
-    return hosts
-
-
-def _split_top_level(s: str) -> list[str]:
-    """Split on commas that are not inside brackets."""
-    parts, depth, cur = [], 0, []
-    for ch in s:
-        if ch == "[":
-            depth += 1
-        elif ch == "]":
-            depth -= 1
-            if depth < 0:
-                raise ValueError(f"bad SLURM nodelist {s!r}: unbalanced ']'")
-        if ch == "," and depth == 0:
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-    if depth != 0:
-        raise ValueError(f"bad SLURM nodelist {s!r}: unbalanced '['")
-    parts.append("".join(cur))
-    return parts
-
-
-def _expand_one(item: str) -> list[str]:
-    m = re.search(r"\[([^\]]*)\]", item)
-    if not m:
-        return [item]
-    prefix, body, rest = item[: m.start()], m.group(1), item[m.end() :]
-    values: list[str] = []
-    for rng in body.split(","):
-        if "-" in rng:
-            lo, hi = rng.split("-", 1)
-            if not (lo.isdigit() and hi.isdigit()) or int(hi) < int(lo):
-                raise ValueError(f"bad SLURM nodelist range {rng!r} in {item!r}")
-            width = len(lo)
-            values.extend(str(i).zfill(width) for i in range(int(lo), int(hi) + 1))
-        elif rng:
-            values.append(rng)
-    return [h for v in values for h in _expand_one(prefix + v + rest)]
-
-
-def _slurm_port(job_id: str) -> int:
-    """A port in [20000, 30000) from the job id: the same on every task, different per job."""
-    digits = re.sub(r"\D", "", job_id) or "0"
-    return 20000 + int(digits[-4:]) % 10000
-
-
-def world_info(env: dict[str, str] | None = None) -> WorldInfo:
-    """Rank, world size and rendezvous address from the launcher's environment."""
-    env = dict(os.environ) if env is None else env
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return WorldInfo(
-            rank=int(env["RANK"]),
-            world_size=int(env["WORLD_SIZE"]),
-            local_rank=int(env.get("LOCAL_RANK", "0")),
-            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
-            master_port=int(env.get("MASTER_PORT", "29500")),
-            launcher="torchrun",
-        )
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        ntasks = int(env["SLURM_NTASKS"])
-        if ntasks > 1 or "MASTER_ADDR" in env:
-            nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "")
-            hosts = expand_nodelist(nodelist) if nodelist else []
-            addr = env.get("MASTER_ADDR") or (hosts[0] if hosts else "127.0.0.1")
-            port = (
-                int(env["MASTER_PORT"])
-                if "MASTER_PORT" in env
-                else _slurm_port(env.get("SLURM_JOB_ID", "0"))
-            )
-            return WorldInfo(
-                rank=int(env["SLURM_PROCID"]),
-                world_size=ntasks,
-                local_rank=int(env.get("SLURM_LOCALID", "0")),
-                master_addr=addr,
-                master_port=port,
-                launcher="slurm",
-            )
-    return WorldInfo(0, 1, 0, "127.0.0.1", 0, "single")
-
-
 # --------------------------------------------------------------------------- setup / teardown
 
 
-def resolve_device(cfg: DistributedConfig, info: WorldInfo) -> torch.device:
+def resolve_device(cfg: DistributedConfig, info: JobEnvironment) -> torch.device:
     if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise RuntimeError(
@@ -185,11 +71,11 @@ def resolve_device(cfg: DistributedConfig, info: WorldInfo) -> torch.device:
     return torch.device("cpu")
 
 
-def setup(cfg: DistributedConfig) -> tuple[WorldInfo, torch.device]:
+def setup(cfg: DistributedConfig) -> tuple[JobEnvironment, torch.device]:
     """Set threads and determinism, pick the device, and join the process group if world > 1."""
     if cfg.intra_op_threads > 0:
         torch.set_num_threads(cfg.intra_op_threads)
-    info = world_info()
+    info = JobEnvironment.from_env()
     device = resolve_device(cfg, info)
     if device.type == "cuda":
         for k, v in NCCL_SAFE_DEFAULTS.items():

@@ -46,6 +46,7 @@ from kempnerforge.freeze import (
     effective_freeze,
     validate_freeze,
 )
+from kempnerforge.launch.environment import JobEnvironment
 from kempnerforge.model import GPT, num_parameters
 from kempnerforge.optim import WarmupCosineSchedule, build_optimizer
 from kempnerforge.resilience.agree import reduce_loss_and_stop
@@ -130,9 +131,7 @@ class SaveFailedError(RuntimeError):
 # --------------------------------------------------------------------------- the run
 
 
-def train(
-    cfg: JobConfig, info: distributed.WorldInfo, device: torch.device, flag: PreemptionFlag
-) -> int:
+def train(cfg: JobConfig, info: JobEnvironment, device: torch.device, flag: PreemptionFlag) -> int:
     """Run to ``train.max_steps`` (returns 0) or to a preemption stop (returns the exit code)."""
     with contextlib.ExitStack() as cleanup:
         return _train(cfg, info, device, flag, cleanup)
@@ -140,7 +139,7 @@ def train(
 
 def _train(
     cfg: JobConfig,
-    info: distributed.WorldInfo,
+    info: JobEnvironment,
     device: torch.device,
     flag: PreemptionFlag,
     cleanup: contextlib.ExitStack,

@@ -53,11 +53,12 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from kempnerforge.launch.environment import JobEnvironment
+
 logger = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
 RECORD_FILE = ".lock.json"
-RUN_ID_ENV = "KEMPNERFORGE_RUN_ID"
 
 DEFAULT_HEARTBEAT_S = 15.0
 DEFAULT_STALE_AFTER_S = 120.0
@@ -86,33 +87,13 @@ class LockHolder:
 
 
 def current_job_id() -> str:
-    """The identity shared by every process of this run.
+    """The identity shared by every process of this run (see :class:`JobEnvironment`).
 
-    Order: ``SLURM_JOB_ID`` (with the array task when present: array tasks are separate jobs),
-    then ``KEMPNERFORGE_RUN_ID`` (a launcher may export it), then torchrun's
-    ``TORCHELASTIC_RUN_ID`` (``none`` is torchrun's unset default and is skipped), then, for a
-    torchrun worker without a run id, the elastic agent's pid on this host. Otherwise this
-    process is the root of the run: it makes a fresh id and exports it, so children it spawns
-    later inherit the same job.
+    Only an entrypoint or a launcher defines a run's identity (``KEMPNERFORGE_JOB_ID``, SLURM's
+    job id, torchrun's run id); a process that has none is a run of its own. Nothing here
+    changes the environment, so processes a parent starts later are not mistaken for it.
     """
-    env = os.environ
-    slurm = env.get("SLURM_JOB_ID")
-    if slurm:
-        array_job, array_task = env.get("SLURM_ARRAY_JOB_ID"), env.get("SLURM_ARRAY_TASK_ID")
-        if array_job and array_task:
-            return f"slurm:{array_job}_{array_task}"
-        return f"slurm:{slurm}"
-    run_id = env.get(RUN_ID_ENV)
-    if run_id:
-        return run_id
-    elastic = env.get("TORCHELASTIC_RUN_ID")
-    if elastic and elastic != "none":
-        return f"torchelastic:{elastic}"
-    if "LOCAL_RANK" in env and "TORCHELASTIC_RUN_ID" in env:
-        return f"torchrun:{socket.gethostname()}:{os.getppid()}"
-    run_id = f"run:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    env[RUN_ID_ENV] = run_id
-    return run_id
+    return JobEnvironment.from_env().run_identity
 
 
 def _user() -> str:

@@ -13,14 +13,12 @@ code in every rank of the next job that resumes from it. This module closes both
 * :class:`SafeLoadPlanner` / :class:`SafeEmptyStateDictLoadPlanner` load DCP's byte entries
   with ``torch.load(weights_only=True)``.
 
-Plus :func:`load_metadata_json`, the reader of our own ``metadata.json`` with errors that say
-which file is broken and how.
+Our own ``metadata.json`` is read by :mod:`kempnerforge.checkpoint.storage`.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import os
 import pickle
 from pathlib import Path
@@ -36,12 +34,18 @@ from torch.distributed.checkpoint.default_planner import (
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
 
-DCP_METADATA_FILE = ".metadata"
-METADATA_JSON = "metadata.json"
+from kempnerforge.checkpoint.storage import DCP_METADATA_FILE, CheckpointFormatError
 
-
-class CheckpointFormatError(ValueError):
-    """A checkpoint file is corrupt, incomplete or not what it claims to be."""
+__all__ = [
+    "CheckpointFormatError",
+    "RestrictedUnpickler",
+    "SafeEmptyStateDictLoadPlanner",
+    "SafeFileSystemReader",
+    "SafeLoadPlanner",
+    "UnsafeCheckpointError",
+    "load_dcp_metadata",
+    "restricted_loads",
+]
 
 
 class UnsafeCheckpointError(CheckpointFormatError):
@@ -174,37 +178,3 @@ class SafeEmptyStateDictLoadPlanner(_EmptyStateDictLoadPlanner):
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
         SafeLoadPlanner.load_bytes(self, read_item, value)  # type: ignore[arg-type]
-
-
-def load_metadata_json(path: str | os.PathLike, required: tuple[str, ...] = ("step",)) -> dict:
-    """Our ``metadata.json`` (from a step directory or the file itself), with clear errors.
-
-    Raises :class:`CheckpointFormatError` naming the file when it is missing, not valid JSON,
-    not an object, or lacks one of ``required``.
-    """
-    path = Path(path)
-    file = path / METADATA_JSON if path.is_dir() else path
-    try:
-        text = file.read_text()
-    except FileNotFoundError:
-        raise CheckpointFormatError(
-            f"{file}: missing; it is written last, so this checkpoint was not committed. "
-            "Resume from an earlier checkpoint (auto-resume skips it by itself)."
-        ) from None
-    except UnicodeDecodeError as e:
-        raise CheckpointFormatError(f"{file}: not text ({e}); the file is corrupt") from e
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise CheckpointFormatError(
-            f"{file}: corrupt JSON ({e}); the checkpoint metadata is damaged. Resume from an "
-            "earlier checkpoint, or repair the file by hand if you know its step."
-        ) from e
-    if not isinstance(data, dict):
-        raise CheckpointFormatError(f"{file}: expected a JSON object, got {type(data).__name__}")
-    missing = [k for k in required if k not in data]
-    if missing:
-        raise CheckpointFormatError(f"{file}: missing key(s) {missing}; the metadata is incomplete")
-    if "step" in required and (not isinstance(data["step"], int) or isinstance(data["step"], bool)):
-        raise CheckpointFormatError(f"{file}: 'step' must be an integer, got {data['step']!r}")
-    return data

@@ -36,14 +36,24 @@ logger = logging.getLogger(__name__)
 METADATA_FILE = "metadata.json"
 DCP_METADATA_FILE = ".metadata"
 TRAIN_STATE_DIR = "train_state"
+ORIGINAL_TRAIN_STATE_FILE = "train_state.pt"  # the original KempnerForge: one file, rank 0's
 LATEST = "latest"
 TRASH_DIR = ".trash"
 TMP_PREFIX = ".tmp_step_"
+LOCK_FILE = ".lock"
+LOCK_RECORD_FILE = ".lock.json"
+GUARD_FILE = "requeue_guard.json"
 FORMAT_NAME = "kempnerforge-checkpoint"
 FORMAT_VERSION = 1
 CHECKSUM_ALGO = "xxh3_64"
 
-_STEP_RE = re.compile(r"^step_(\d+)$")
+STEP_RE = re.compile(r"^step_(\d+)$")
+TMP_STEP_RE = re.compile(r"^\.tmp_step_(\d+)(?:[-.].*)?$")
+_PP_RE = re.compile(r"^pp_?(\d+)$")  # ours: pp_K; the original: ppK
+
+
+class CheckpointFormatError(ValueError):
+    """A checkpoint file is corrupt, incomplete or not what it claims to be."""
 
 
 def step_dir_name(step: int) -> str:
@@ -52,12 +62,64 @@ def step_dir_name(step: int) -> str:
 
 def parse_step_dir(name: str) -> int | None:
     """``step_12`` -> 12; anything else (``step_abc``, ``.tmp_step_3``) -> None: not ours."""
-    m = _STEP_RE.match(name)
+    m = STEP_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+def parse_tmp_step_dir(name: str) -> int | None:
+    """``.tmp_step_12-ab12cd34`` (a save in progress or interrupted) -> 12, else None."""
+    m = TMP_STEP_RE.match(name)
     return int(m.group(1)) if m else None
 
 
 def train_state_name(rank: int) -> str:
     return f"{TRAIN_STATE_DIR}/rank_{int(rank):05d}.pt"
+
+
+def pp_dir_name(pp_rank: int) -> str:
+    return f"pp_{int(pp_rank)}"
+
+
+def dcp_dir(step_dir: str | os.PathLike, pp_rank: int | None = None) -> Path:
+    """Where DCP's files of ``step_dir`` are: the step itself, or its pipeline stage's
+    sub-directory (``pp_K``; checkpoints of the original KempnerForge use ``ppK``)."""
+    root = Path(step_dir)
+    if pp_rank is None:
+        return root
+    ours = root / pp_dir_name(pp_rank)
+    original = root / f"pp{int(pp_rank)}"
+    return original if not ours.exists() and original.exists() else ours
+
+
+def has_dcp_metadata(step_dir: str | os.PathLike) -> bool:
+    """DCP wrote its ``.metadata`` (last) into the step or into every pipeline stage's dir."""
+    root = Path(step_dir)
+    if (root / DCP_METADATA_FILE).exists():
+        return True
+    stages = [c for c in _children(root) if _PP_RE.match(c.name) and c.is_dir()]
+    return bool(stages) and all((c / DCP_METADATA_FILE).exists() for c in stages)
+
+
+def is_original_layout(step_dir: str | os.PathLike) -> bool:
+    """A step written by the original KempnerForge: ``train_state.pt``, no ``train_state/``."""
+    root = Path(step_dir)
+    return (root / ORIGINAL_TRAIN_STATE_FILE).is_file() and not (root / TRAIN_STATE_DIR).is_dir()
+
+
+def train_state_file(step_dir: str | os.PathLike, rank: int, saved_world_size: int) -> Path:
+    """The train-state file rank ``rank`` resumes from (rank 0's when the world size changed;
+    the single ``train_state.pt`` in the original's layout)."""
+    root = Path(step_dir)
+    if is_original_layout(root):
+        return root / ORIGINAL_TRAIN_STATE_FILE
+    return root / train_state_name(rank)
+
+
+def _children(root: Path) -> list[Path]:
+    try:
+        return list(root.iterdir())
+    except OSError:
+        return []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,24 +471,43 @@ class Problem:
 
 
 def read_metadata(step_dir: str | os.PathLike) -> tuple[dict[str, Any] | None, Problem | None]:
-    """metadata.json of a step dir, or the problem that prevents reading it. Never raises."""
+    """metadata.json of a step dir, or the problem that prevents reading it. Never raises.
+
+    The one reader of ``metadata.json``: the manager, the resolver, the CLI and the launcher's
+    status all go through it (or :func:`load_metadata`, which raises).
+    """
     p = Path(step_dir) / METADATA_FILE
     try:
         raw = p.read_bytes()
     except FileNotFoundError:
-        return None, Problem(str(p), "missing")
+        return None, Problem(str(p), "missing; it is written last, so this step was not committed")
     except OSError as e:
         return None, Problem(str(p), f"unreadable ({e.strerror or e})")
     try:
         meta = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
-        return None, Problem(str(p), f"not valid JSON ({e})")
+        return None, Problem(str(p), f"corrupt JSON ({e})")
     if not isinstance(meta, dict):
-        return None, Problem(str(p), "not a JSON object")
-    step = meta.get("step")
+        return None, Problem(str(p), f"expected a JSON object, got {type(meta).__name__}")
+    if "step" not in meta:
+        return None, Problem(str(p), "missing key 'step'")
+    step = meta["step"]
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        return None, Problem(str(p), f"has no valid 'step' (got {step!r})")
+        return None, Problem(str(p), f"'step' must be an integer >= 0, got {step!r}")
     return meta, None
+
+
+def load_metadata(step_dir: str | os.PathLike) -> dict[str, Any]:
+    """:func:`read_metadata`, raising :class:`CheckpointFormatError` that names the file."""
+    path = Path(step_dir)
+    meta, problem = read_metadata(path.parent if path.name == METADATA_FILE else path)
+    if problem is not None:
+        raise CheckpointFormatError(
+            f"{problem}. Resume from another checkpoint (auto-resume skips a broken one by "
+            "itself), or repair the file if you know its step."
+        )
+    assert meta is not None
+    return meta
 
 
 def verify_step_dir(
@@ -445,7 +526,7 @@ def verify_step_dir(
             return [prob]
     manifest = (meta or {}).get("manifest") or {}
     files: dict[str, Any] = manifest.get("files") or {}
-    if not (root / DCP_METADATA_FILE).exists() and not list(root.glob(f"*/{DCP_METADATA_FILE}")):
+    if not has_dcp_metadata(root):
         return [Problem(str(root / DCP_METADATA_FILE), "missing (DCP save did not finish)")]
     if level == "none":
         return []
@@ -489,19 +570,30 @@ def list_step_dirs(root: str | os.PathLike) -> list[tuple[int, Path]]:
 
 
 def read_latest(root: str | os.PathLike) -> tuple[Path | None, str | None]:
-    """Where ``{root}/latest`` points, if it is a relative link to a direct child of ``root``.
+    """Where ``{root}/latest`` points: a relative link to a direct child of ``root`` (what we
+    write), or a small file naming one (what a copy that does not keep links leaves).
 
-    Returns (path, None) or (None, why-not). A link leaving ``root`` is refused.
+    The one reader of ``latest``. Returns (path, None) or (None, why-not); a name leaving
+    ``root`` is refused.
     """
     link = Path(root) / LATEST
-    if not link.is_symlink():
-        if link.exists():
-            return None, f"{link} is not a symlink"
+    if link.is_symlink():
+        target = os.readlink(link)
+    elif link.is_file():
+        try:
+            raw = link.read_bytes()[:4096]
+            target = raw.decode().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            return None, f"{link} is not a link and not readable as a step name ({e})"
+        if not target or "\n" in target:
+            return None, f"{link} is a file that does not name a step directory"
+    elif link.exists():
+        return None, f"{link} is neither a link nor a file naming a step"
+    else:
         return None, f"{link} does not exist"
-    target = os.readlink(link)
     if os.path.isabs(target) or "/" in target.strip("/") or target in ("", ".", ".."):
         return None, f"{link} -> {target!r} points outside {root}; refused"
-    p = Path(root) / target
+    p = Path(root) / target.strip("/")
     if not p.is_dir():
         return None, f"{link} -> {target} is dangling"
     return p, None

@@ -46,7 +46,7 @@ def _clean_env(**extra: str) -> dict[str, str]:
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(("SLURM_", "TORCHELASTIC_", "KEMPNERFORGE_RUN_ID"))
+        if not k.startswith(("SLURM_", "TORCHELASTIC_", "KEMPNERFORGE_JOB_ID"))
     }
     env.pop("LOCAL_RANK", None)
     env.update(extra)
@@ -116,13 +116,13 @@ def test_requeued_slurm_job_gets_its_directory_back(tmp_path: Path) -> None:
 
 def test_processes_of_one_job_share_it(tmp_path: Path) -> None:
     """A torchrun-like child of the same run (run id inherited through the env) is let in."""
-    holder = _spawn_holder(tmp_path, None, KEMPNERFORGE_RUN_ID="run-xyz")
+    holder = _spawn_holder(tmp_path, None, KEMPNERFORGE_JOB_ID="run-xyz")
     try:
         member = subprocess.run(
             [sys.executable, "-c", HOLDER.replace("time.sleep(600)", ""), str(tmp_path)],
             capture_output=True,
             text=True,
-            env=_clean_env(KEMPNERFORGE_RUN_ID="run-xyz"),
+            env=_clean_env(KEMPNERFORGE_JOB_ID="run-xyz"),
             timeout=60,
         )
         assert member.returncode == 0, member.stderr
@@ -132,7 +132,7 @@ def test_processes_of_one_job_share_it(tmp_path: Path) -> None:
             [sys.executable, "-c", HOLDER.replace("time.sleep(600)", ""), str(tmp_path)],
             capture_output=True,
             text=True,
-            env=_clean_env(KEMPNERFORGE_RUN_ID="other"),
+            env=_clean_env(KEMPNERFORGE_JOB_ID="other"),
             timeout=60,
         )
         assert stranger.returncode != 0
@@ -185,13 +185,15 @@ def test_heartbeat_refreshes_and_check_sees_a_takeover(tmp_path: Path) -> None:
     lk.release()
 
 
-def test_current_job_id_is_exported_to_children(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_current_job_id_never_changes_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A library call must not define the run's identity for children started later."""
     for k in list(os.environ):
-        if k.startswith(("SLURM_", "TORCHELASTIC_")) or k in ("KEMPNERFORGE_RUN_ID", "LOCAL_RANK"):
+        if k.startswith(("SLURM_", "TORCHELASTIC_")) or k in ("KEMPNERFORGE_JOB_ID", "LOCAL_RANK"):
             monkeypatch.delenv(k)
+    before = dict(os.environ)
     job = current_job_id()
-    assert os.environ["KEMPNERFORGE_RUN_ID"] == job
-    assert current_job_id() == job
+    assert current_job_id() == job and job.startswith("run:")
+    assert dict(os.environ) == before
     monkeypatch.setenv("SLURM_JOB_ID", "123")
     assert current_job_id() == "slurm:123"
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "120")

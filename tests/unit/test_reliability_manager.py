@@ -69,7 +69,7 @@ SAVER = textwrap.dedent(
 
 def _env(run_id: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_"))}
-    env["KEMPNERFORGE_RUN_ID"] = run_id
+    env["KEMPNERFORGE_JOB_ID"] = run_id
     env["OMP_NUM_THREADS"] = "1"
     return env
 

@@ -16,6 +16,7 @@ import torch.distributed.checkpoint as dcp
 from _reliability_fixtures import tiny_model, write_checkpoint
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
+from kempnerforge.checkpoint import storage
 from kempnerforge.checkpoint.safe_unpickle import (
     CheckpointFormatError,
     SafeEmptyStateDictLoadPlanner,
@@ -23,7 +24,6 @@ from kempnerforge.checkpoint.safe_unpickle import (
     SafeLoadPlanner,
     UnsafeCheckpointError,
     load_dcp_metadata,
-    load_metadata_json,
 )
 
 
@@ -109,7 +109,7 @@ def test_planted_pickle_in_a_dcp_byte_entry_never_runs(tmp_path: Path) -> None:
     [
         ("{not json", "corrupt JSON"),
         ("[1, 2]", "expected a JSON object"),
-        (json.dumps({"tokens_seen": 3}), r"missing key\(s\) \['step'\]"),
+        (json.dumps({"tokens_seen": 3}), "missing key 'step'"),
         (json.dumps({"step": "7"}), "'step' must be an integer"),
     ],
 )
@@ -117,13 +117,13 @@ def test_metadata_json_errors_name_the_file(tmp_path: Path, content: str, match:
     f = tmp_path / "metadata.json"
     f.write_text(content)
     with pytest.raises(CheckpointFormatError, match=match) as ei:
-        load_metadata_json(tmp_path)
+        storage.load_metadata(tmp_path)
     assert str(f) in str(ei.value)
 
 
 def test_missing_metadata_json_says_not_committed(tmp_path: Path) -> None:
     with pytest.raises(CheckpointFormatError, match="not committed") as ei:
-        load_metadata_json(tmp_path)
+        storage.load_metadata(tmp_path)
     assert str(tmp_path / "metadata.json") in str(ei.value)
     (tmp_path / "metadata.json").write_text(json.dumps({"step": 4, "tokens_seen": 8}))
-    assert load_metadata_json(tmp_path)["step"] == 4
+    assert storage.load_metadata(tmp_path)["step"] == 4
