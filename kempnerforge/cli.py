@@ -19,22 +19,16 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from kempnerforge.checkpoint import storage
+from kempnerforge.checkpoint import resolve, storage
+from kempnerforge.checkpoint.resolve import StepEntry
 from kempnerforge.checkpoint.safe_unpickle import CheckpointFormatError, load_dcp_metadata
 
 logger = logging.getLogger(__name__)
-
-STEP_RE = re.compile(r"^step_(\d+)$")
-TMP_STEP_RE = re.compile(r"^\.tmp_step_(\d+)(?:[-.].*)?$")
-LATEST = "latest"
-TRASH = ".trash"
-TRAIN_STATE_DIR = "train_state"
 
 
 class CliError(Exception):
@@ -42,27 +36,7 @@ class CliError(Exception):
 
 
 # ---------------------------------------------------------------------------------------------
-# Layout
-
-
-@dataclass
-class StepEntry:
-    """One checkpoint directory (committed ``step_N`` or interrupted ``.tmp_step_N``)."""
-
-    path: Path
-    step: int
-    committed: bool
-    problem: str = ""  # why it is not usable, for an incomplete or broken one
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def commit_time(self) -> float:
-        """Unix time of the commit (recency, not step number, orders checkpoints)."""
-        return (
-            storage.commit_time_ns(self.path, self.meta) / 1e9
-            if self.committed
-            else self.path.stat().st_mtime
-        )
+# Layout: every verdict comes from kempnerforge.checkpoint.resolve, the manager's own resolver
 
 
 def _dir_size(path: Path) -> int:
@@ -74,67 +48,33 @@ def _dir_size(path: Path) -> int:
     return total
 
 
-def _latest_target(root: Path) -> Path | None:
-    """Where ``root/latest`` points, if it is a link to a directory inside ``root``."""
-    link = root / LATEST
-    if not link.is_symlink():
-        return None
-    target, why = storage.read_latest(root)
-    if target is None:
-        if why and "outside" in why:
-            raise CliError(
-                f"{why}. Remove the link; auto-resume picks the newest complete checkpoint."
-            )
-        return None
-    return target.resolve()
-
-
-def _classify(path: Path, step: int, committed_name: bool) -> StepEntry:
-    entry = StepEntry(path=path, step=step, committed=False)
-    if not committed_name:
-        entry.problem = "interrupted save (never committed)"
-        return entry
-    try:
-        entry.meta = storage.load_metadata(path)
-    except CheckpointFormatError as e:
-        entry.problem = str(e)
-        return entry
-    if not (path / ".metadata").is_file():
-        entry.problem = f"{path / '.metadata'} missing"
-        return entry
-    entry.committed = True
-    return entry
+def _check_latest(root: Path) -> None:
+    """A ``latest`` that names something outside ``root`` is an error a person must fix."""
+    _, why = storage.read_latest(root)
+    if why and "outside" in why:
+        raise CliError(f"{why}. Remove the link; auto-resume picks the newest complete checkpoint.")
 
 
 def scan(root: Path) -> list[StepEntry]:
-    """Every checkpoint under ``root``, oldest step first."""
+    """Every checkpoint under ``root``, oldest step first (the resolver's verdicts)."""
     if not root.is_dir():
         raise CliError(f"{root}: not a directory")
-    entries = []
-    for child in root.iterdir():
-        if child.is_symlink() or not child.is_dir():
-            continue
-        if m := STEP_RE.match(child.name):
-            entries.append(_classify(child, int(m.group(1)), True))
-        elif m := TMP_STEP_RE.match(child.name):
-            entries.append(_classify(child, int(m.group(1)), False))
-    entries.sort(key=lambda e: (e.step, e.committed))
-    return entries
+    return resolve.scan(root)
 
 
 def _resolve_step_dir(path: Path) -> Path:
-    """A step directory from PATH: the step itself, or a checkpoint root (its ``latest``)."""
-    if (path / "metadata.json").exists() or (path / ".metadata").exists():
+    """A step directory from PATH: the step itself, or what a checkpoint root resumes from."""
+    if not path.exists():
+        raise CliError(
+            f"{path}: no such checkpoint (expected a step_N directory or a checkpoint dir)"
+        )
+    if resolve.is_step_dir(path):
         return path
-    if path.is_dir():
-        target = _latest_target(path)
-        if target is not None:
-            return target
-        committed = [e for e in scan(path) if e.committed]
-        if committed:
-            return max(committed, key=lambda e: e.commit_time).path
-        raise CliError(f"{path}: no committed checkpoint in this directory")
-    raise CliError(f"{path}: no such checkpoint (expected a step_N directory or a checkpoint dir)")
+    _check_latest(path)
+    res = resolve.find_resumable(path)
+    if res.path is None:
+        raise CliError(res.error or f"{path}: no committed checkpoint in this directory")
+    return Path(res.path)
 
 
 def _human_bytes(n: float) -> str:
@@ -205,20 +145,28 @@ def verify_step(step_dir: Path, checksums: bool = True) -> list[str]:
 # Commands
 
 
+def _status(e: StepEntry) -> str:
+    if e.usable:
+        return "committed"
+    return "corrupt" if e.corrupt else "incomplete"
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
     root = Path(args.dir)
     entries = scan(root)
-    latest = _latest_target(root)
+    _check_latest(root)
     if not entries:
         print(f"{root}: no checkpoints")
         return 0
+    res = resolve.find_resumable(root)
+    resumes = Path(res.path).resolve() if res.path else None
     now = time.time()
-    rows = [("STEP", "STATUS", "SIZE", "AGE", "TOKENS", "LATEST", "PATH")]
+    rows = [("STEP", "STATUS", "SIZE", "AGE", "TOKENS", "RESUME", "PATH")]
     for e in entries:
-        status = "committed" if e.committed else "incomplete"
+        status = _status(e)
         tokens = e.meta.get("tokens_seen", "")
-        is_latest = "*" if latest is not None and e.path.resolve() == latest else ""
-        age = now - (e.commit_time if e.committed else e.path.stat().st_mtime)
+        is_latest = "*" if resumes is not None and e.path.resolve() == resumes else ""
+        age = now - e.commit_time
         rows.append(
             (
                 str(e.step),
@@ -233,12 +181,14 @@ def cmd_ls(args: argparse.Namespace) -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-    if latest is None and (root / LATEST).exists() is False and (root / LATEST).is_symlink():
-        print(f"note: {root / LATEST} is dangling")
+    for w in res.warnings:
+        print(f"note: {w}")
     for e in entries:
-        if e.problem and STEP_RE.match(e.path.name):
+        if e.problem and e.committed:
             print(f"note: {e.path.name}: {e.problem}")
-    trash = root / TRASH
+    if res.error:
+        print(f"note: {res.error}")
+    trash = root / storage.TRASH_DIR
     if trash.is_dir() and any(trash.iterdir()):
         print(
             f"note: {trash} holds {len(list(trash.iterdir()))} retired checkpoint(s) pending deletion"
@@ -304,18 +254,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
     path = Path(args.path)
     if not path.is_dir():
         raise CliError(f"{path}: no such checkpoint directory")
-    if (
-        path.is_dir()
-        and not (path / "metadata.json").exists()
-        and not (path / ".metadata").exists()
-    ):
+    if not resolve.is_step_dir(path):
         entries = scan(path)
         if not entries:
             raise CliError(f"{path}: no checkpoints to verify")
-        targets = [e.path for e in entries if STEP_RE.match(e.path.name)]
-        incomplete = [e for e in entries if not STEP_RE.match(e.path.name)]
-        for e in incomplete:
-            print(f"SKIP  {e.path.name}: {e.problem}")
+        targets = [e.path for e in entries if e.committed]
+        for e in entries:
+            if not e.committed:
+                print(f"SKIP  {e.path.name}: {e.problem}")
     else:
         targets = [path]
     bad = 0
@@ -408,14 +354,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.keep < 1:
         raise CliError(f"--keep must be >= 1, got {args.keep}")
     entries = scan(root)
-    latest = _latest_target(root)
-    committed = sorted(
-        (e for e in entries if e.committed), key=lambda e: e.commit_time, reverse=True
-    )
-    keep = {e.path for e in committed[: args.keep]}
-    doomed = [e for e in committed[args.keep :] if latest is None or e.path.resolve() != latest]
+    _check_latest(root)
+    res = resolve.find_resumable(root)
+    resumes = Path(res.path).resolve() if res.path else None
+    usable = sorted((e for e in entries if e.usable), key=lambda e: e.commit_time, reverse=True)
+    keep = {e.path for e in usable[: args.keep]}
+    doomed = [e for e in usable[args.keep :] if e.path.resolve() != resumes]
     if args.incomplete:
         doomed += [e for e in entries if not e.committed]
+    if args.corrupt:
+        doomed += [e for e in entries if e.corrupt]
     if not doomed:
         print(f"nothing to prune in {root} ({len(keep)} committed kept)")
         return 0
@@ -425,7 +373,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         return 0
     # A writer: refuse while a training job holds the directory.
     with acquire_job_lock(root, job_id=f"cli-prune:{os.getpid()}", wait_s=0.5):
-        trash = root / TRASH
+        trash = root / storage.TRASH_DIR
         trash.mkdir(exist_ok=True, mode=0o700)
         for e in doomed:
             dest = trash / f"{e.path.name}.{time.time_ns()}"
@@ -467,6 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dir")
     s.add_argument("--keep", type=int, required=True)
     s.add_argument("--incomplete", action="store_true", help="also remove interrupted saves")
+    s.add_argument(
+        "--corrupt", action="store_true", help="also remove committed steps that fail checks"
+    )
     s.add_argument("--dry-run", action="store_true")
     s.set_defaults(func=cmd_prune)
     return p

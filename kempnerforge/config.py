@@ -55,9 +55,8 @@ class TrainConfig:
     max_steps: int = 20
     seed: int = 1234
     global_batch_size: int = 8  # sequences per optimizer step, summed over data-parallel ranks
-    micro_batch_size: int = (
-        0  # per rank per forward; 0 = global_batch_size / dp_world (no accumulation)
-    )
+    # per rank per forward; 0 = global_batch_size / dp_world (no accumulation)
+    micro_batch_size: int = 0
     log_interval: int = 10  # steps between progress lines
     quiet: bool = False
 

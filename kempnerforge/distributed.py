@@ -30,14 +30,12 @@ logger = logging.getLogger(__name__)
 class DistributedConfig:
     parallel: str = "auto"  # "auto" (fsdp when world > 1) | "fsdp" | "ddp" | "none"
     backend: str = "auto"  # "auto" (nccl on CUDA, else gloo) | "gloo" | "nccl"
-    intra_op_threads: int = (
-        1  # torch.set_num_threads per rank on CPU, so results do not depend on the launcher
-    )
+    # torch.set_num_threads per rank on CPU, so results do not depend on the launcher
+    intra_op_threads: int = 1
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     timeout_s: float = 600.0
-    deterministic: bool = (
-        True  # on CUDA: deterministic kernels (bit-exact resume); no effect on CPU
-    )
+    # on CUDA: deterministic kernels (bit-exact resume); no effect on CPU
+    deterministic: bool = True
 
     def __post_init__(self) -> None:
         if self.parallel not in ("auto", "fsdp", "ddp", "none"):

@@ -2,18 +2,16 @@
 
 The loop reads top to bottom:
 
-1. config, signal handlers, process group (threads set from the config, not the launcher);
-2. model (deterministic init), optimizer, LR schedule, checkpoint manager;
-3. resume, in this exact order: ``peek_saved_step()`` -> freeze list in force at that step ->
-   ``apply_freeze`` -> ``load(vlm_freeze_expected=...)`` -> dataloader ->
-   ``apply_dataloader_state()``;
+1. config, an early signal flag (held until the checkpoint manager takes over), process group;
+2. model (deterministic init), optimizer, LR schedule, checkpoint manager, data loader;
+3. ``mgr.resume(scheduler, dataloader, freeze)``: the step, tokens and freeze list in force;
 4. steps: freeze transition (after ``flush_pending_save()``), forward/backward over
-   micro-batches, clip, AdamW, schedule; one all-reduce carries the loss *and* the stop flag;
-   rank 0 appends the metrics line; periodic save;
-5. on a preemption signal: every rank stops after the same step, saves it once, makes it
-   durable (``flush_pending_save()`` + ``wait()``), rank 0 requeues under SLURM, and every
-   rank exits with ``resilience.exit_code`` (75).
+   micro-batches, clip, AdamW, schedule, the mean loss for the metrics line;
+5. ``mgr.maybe_save(step, ...)``: saves on the interval, and on a stop signal agrees the stop
+   step across ranks, saves it, makes it durable and requeues; the process then exits with
+   ``mgr.exit_code`` (75: run again). The final step is always saved.
 
+This is one user of the public calls, not a second implementation of them.
 Step numbers count completed optimizer steps, from 1. See docs/training.md.
 """
 
@@ -33,7 +31,6 @@ from typing import IO
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from kempnerforge import distributed
 from kempnerforge.checkpoint import CheckpointManager
@@ -49,15 +46,14 @@ from kempnerforge.freeze import (
 from kempnerforge.launch.environment import JobEnvironment
 from kempnerforge.model import GPT, num_parameters
 from kempnerforge.optim import WarmupCosineSchedule, build_optimizer
-from kempnerforge.resilience.agree import reduce_loss_and_stop
+from kempnerforge.resilience.agree import mean_over_ranks
 from kempnerforge.resilience.signals import PreemptionFlag
-from kempnerforge.resilience.watchdog import SaveWatchdog
 
 logger = logging.getLogger("kempnerforge.train")
 
-# Set once the preemption path finished: `latest` is durable, the requeue is decided and every rank
-# passed the barrier. Nothing is left that teardown could save; see `_exit_now`.
-_preempted = False
+# Set once a stop finished: `latest` is durable, the requeue is decided and every rank passed the
+# barrier. Nothing is left that teardown could save; see `_exit_now`.
+_stopped = False
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -104,44 +100,20 @@ def fmt_eta(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def requeue_and_exit_code(cfg: JobConfig, committed_step: int | None) -> int:
-    """Rank 0: ask for a requeue (SLURM) / a restart (local launcher) through the loop guard.
-
-    Returns this rank's exit code: ``resilience.exit_code`` (75) when the job will run again or
-    requeueing is off, a different code when the guard refused (see resilience.requeue).
-    """
-    try:
-        from kempnerforge.resilience.requeue import exit_code_after_preemption, maybe_requeue
-    except ImportError:  # requeue support not installed: behave as outside SLURM
-        logger.warning("kempnerforge.resilience.requeue is not available; not requeueing")
-        return cfg.resilience.exit_code
-    requeued = bool(maybe_requeue(cfg.resilience, cfg.checkpoint.dir, committed_step))
-    logger.warning("requeue: %s", "granted" if requeued else "not granted")
-    return exit_code_after_preemption(cfg.resilience, requeued)
-
-
-class SaveFailedError(RuntimeError):
-    """A checkpoint failed under ``resilience.on_save_error=exit``: the run exits with the
-    preemption code so a launcher may run it again from the last committed step."""
-
-    def __init__(self, step: int, cause: BaseException) -> None:
-        super().__init__(f"checkpoint of step {step} failed: {cause}")
-
-
 # --------------------------------------------------------------------------- the run
 
 
-def train(cfg: JobConfig, info: JobEnvironment, device: torch.device, flag: PreemptionFlag) -> int:
-    """Run to ``train.max_steps`` (returns 0) or to a preemption stop (returns the exit code)."""
+def train(cfg: JobConfig, info: JobEnvironment, device: torch.device, early: PreemptionFlag) -> int:
+    """Run to ``train.max_steps`` (returns 0) or to an agreed stop (returns its exit code)."""
     with contextlib.ExitStack() as cleanup:
-        return _train(cfg, info, device, flag, cleanup)
+        return _train(cfg, info, device, early, cleanup)
 
 
 def _train(
     cfg: JobConfig,
     info: JobEnvironment,
     device: torch.device,
-    flag: PreemptionFlag,
+    early: PreemptionFlag,
     cleanup: contextlib.ExitStack,
 ) -> int:
     rank, world = info.rank, info.world_size
@@ -157,7 +129,7 @@ def _train(
         distributed.wrap_model(raw, "fsdp", device)  # in place: names and params become sharded
     optimizer = build_optimizer(raw, cfg.optim)
     scheduler = WarmupCosineSchedule(optimizer, cfg.optim, cfg.train.max_steps)
-    ckpt = CheckpointManager(cfg.checkpoint, raw, optimizer)
+    ckpt = CheckpointManager(cfg.checkpoint, raw, optimizer, resilience=cfg.resilience)
     cleanup.callback(ckpt.close)  # drains a save in flight, stops its threads
     logger.info(
         "model: %.2fM params, %d layers, d_model %d | world %d (%s, %s) | %s",
@@ -170,31 +142,23 @@ def _train(
         device,
     )
 
-    # -- resume, in the contract's order --------------------------------------------------------
-    saved = ckpt.peek_saved_step()
-    step, tokens_seen = 0, 0
+    # -- resume: peek -> freeze in force at that step -> load -> dataloader state ----------------
+    dataset = build_dataset(cfg.data, seq_len, cfg.model.vocab_size)
+    sampler = GlobalSampler(len(dataset), gbs, rank, world, cfg.data.seed, cfg.data.shuffle)
+    loader = StepLoader(dataset, sampler, cfg.train.micro_batch_size, cfg.data.num_workers)
+    cleanup.callback(loader.close)
+    step, tokens_seen, _extra = ckpt.resume(
+        scheduler=scheduler, dataloader=loader, freeze=cfg.freeze
+    )
+    if early.requested:  # a signal that came before the manager's handlers were installed
+        ckpt.request_stop(early.signal_name or "signal")
     # Freeze "in force at step s" is what step s trained with: effective_freeze(s - 1).
-    in_force: list[FreezeSpec] = effective_freeze(cfg.freeze, max((saved or 0) - 1, 0))
-    apply_freeze(raw, in_force)
-    if saved is not None:
-        # checkpoint.exclude_from_loading applies only to foreign checkpoints (load_path); the
-        # manager never applies it to this run's own resume, which must be exact.
-        step, tokens_seen, _extra = ckpt.load(
-            scheduler=scheduler, vlm_freeze_expected=canonical_freeze_meta(in_force)
-        )
-        if step != saved:
-            raise RuntimeError(
-                f"checkpoint metadata said step {saved} but load() restored step {step}"
-            )
+    in_force: list[FreezeSpec] = effective_freeze(cfg.freeze, max(step - 1, 0))
+    if step:
         logger.info(
             "resumed from step %d (%d tokens seen) in %s", step, tokens_seen, cfg.checkpoint.dir
         )
     model = distributed.wrap_model(raw, "ddp", device) if mode == "ddp" else raw
-
-    dataset = build_dataset(cfg.data, seq_len, cfg.model.vocab_size)
-    sampler = GlobalSampler(len(dataset), gbs, rank, world, cfg.data.seed, cfg.data.shuffle)
-    loader = StepLoader(dataset, sampler, cfg.train.micro_batch_size)
-    ckpt.apply_dataloader_state(loader)
     if sampler.position != step * gbs:
         logger.warning(
             "data position %d is not step %d x global_batch_size %d (batch size changed?); "
@@ -214,38 +178,16 @@ def _train(
         device.type, dtype=torch.bfloat16, enabled=cfg.model.compute_dtype == "bfloat16"
     )
 
-    def save(at_step: int) -> None:
-        if metrics is not None:  # the step's line is durable before its checkpoint commits
+    def durable_metrics() -> None:
+        """The step's metrics line is on disk before its checkpoint can commit."""
+        if metrics is not None:
             metrics.flush()
             os.fsync(metrics.fileno())
-        t = time.perf_counter()
-        try:
-            ckpt.save(
-                at_step,
-                tokens_seen=tokens_seen,
-                scheduler=scheduler,
-                dataloader=loader,
-                extra={"vlm_freeze": canonical_freeze_meta(in_force)},
-            )
-        except BaseException as e:  # DCP's CheckpointException is a BaseException
-            policy = cfg.resilience.on_save_error
-            if isinstance(e, (KeyboardInterrupt, SystemExit)) or policy == "raise":
-                raise
-            if policy == "exit":
-                raise SaveFailedError(at_step, e) from e
-            logger.error(
-                "checkpoint of step %d failed (%s); continuing (on_save_error=continue)", at_step, e
-            )
-            return
-        logger.info(
-            "checkpoint step %d: save() blocked the loop %.3fs", at_step, time.perf_counter() - t
-        )
 
     # -- the loop ---------------------------------------------------------------------------------
     max_steps = cfg.train.max_steps
     t_start = time.perf_counter()
     t_log, step_log, first_step = t_start, step, step
-    stop = False
     while step < max_steps:
         want = effective_freeze(cfg.freeze, step)
         if canonical_freeze_meta(want) != canonical_freeze_meta(in_force):
@@ -283,8 +225,7 @@ def _train(
         if step == res.debug_signal_step and res.debug_signal_rank in (-1, rank):
             os.kill(os.getpid(), getattr(signal, res.signals[0]))  # testing aid, see config
 
-        # One collective: the mean loss for the log and "did any rank get a signal?".
-        loss_mean, stop = reduce_loss_and_stop(loss_sum / len(micro), flag.requested)
+        loss_mean = mean_over_ranks(loss_sum / len(micro))
         if metrics is not None:
             metrics.write(
                 json.dumps({"step": step, "loss": loss_mean, "lr": lr, "tokens_seen": tokens_seen})
@@ -314,43 +255,28 @@ def _train(
             )
             t_log, step_log = now, step
 
-        periodic = step % cfg.checkpoint.interval == 0 or step == max_steps
-        if stop and step < max_steps:
-            break  # the preemption path below saves this step (once)
-        if periodic:
-            save(step)
-        if stop:  # signal during the last step: its checkpoint is the final one
+        save_args = {
+            "tokens_seen": tokens_seen,
+            "scheduler": scheduler,
+            "dataloader": loader,
+            "extra": {"vlm_freeze": canonical_freeze_meta(in_force)},
+        }
+        if step == max_steps:  # the final checkpoint, whatever the interval
+            durable_metrics()
+            if not ckpt.has_saved(step):
+                ckpt.save(step, **save_args)
             break
+        if step % cfg.checkpoint.interval == 0:
+            durable_metrics()
+        if ckpt.maybe_save(step, **save_args):
+            logger.warning("stopped at step %d; exit code %d", step, ckpt.exit_code)
+            global _stopped
+            _stopped = True
+            return ckpt.exit_code
 
-    if not stop or step >= max_steps:
-        ckpt.wait()
-        logger.info("done: %d steps", step)
-        return 0
-
-    # -- preemption: save exactly this step, make it durable, requeue, exit 75 --------------------
-    logger.warning(
-        "stop requested (%s); saving step %d and exiting with %d",
-        flag.signal_name or "a signal on another rank",
-        step,
-        cfg.resilience.exit_code,
-    )
-    with SaveWatchdog(
-        cfg.resilience.save_watchdog_s, f"preemption save of step {step}", cfg.resilience.exit_code
-    ):
-        t = time.perf_counter()
-        save(step)
-        ckpt.flush_pending_save()
-        ckpt.wait()
-        logger.warning("checkpoint step %d durable after %.3fs", step, time.perf_counter() - t)
-    ckpt.close(wait_for_trash=False)  # `latest` is durable; the next run deletes pruned steps
-    code = cfg.resilience.exit_code
-    if rank == 0:
-        code = requeue_and_exit_code(cfg, step)
-    if dist.is_initialized():
-        dist.barrier()  # rank 0 requeues before any task exits non-zero
-    global _preempted
-    _preempted = True
-    return code
+    ckpt.wait()
+    logger.info("done: %d steps", step)
+    return 0
 
 
 def _exit_now(code: int) -> None:
@@ -367,11 +293,11 @@ def _exit_now(code: int) -> None:
     os._exit(code)
 
 
-def main(argv: list[str] | None = None, *, exit_when_preempted: bool = False) -> int:
-    """Run one job. ``exit_when_preempted`` (the command line): after a preemption save, exit the
-    process directly instead of returning (see ``_exit_now``)."""
-    global _preempted
-    _preempted = False
+def main(argv: list[str] | None = None, *, exit_when_stopped: bool = False) -> int:
+    """Run one job. ``exit_when_stopped`` (the command line): after a stop, exit the process
+    directly instead of returning (see ``_exit_now``)."""
+    global _stopped
+    _stopped = False
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
@@ -380,26 +306,20 @@ def main(argv: list[str] | None = None, *, exit_when_preempted: bool = False) ->
         return 2
     if args.quiet:
         cfg.train.quiet = True
-    flag = PreemptionFlag().install(cfg.resilience.signals)  # before anything slow: never miss one
+    # Until the checkpoint manager installs its own handlers (at resume), a stop signal is held
+    # here rather than ending the process: never miss one.
+    early = PreemptionFlag().install(cfg.resilience.signals)
     info, device = distributed.setup(cfg.distributed)
     setup_logging(info.rank, cfg.train.quiet)
     code = 1
     try:
-        code = train(cfg, info, device, flag)
+        code = train(cfg, info, device, early)
     except ConfigError as e:
         logger.error("config error: %s", e)
         code = 2
-    except SaveFailedError as e:
-        logger.error(
-            "%s; the previous checkpoint stays latest; exiting with %d "
-            "(resilience.on_save_error=exit)",
-            e,
-            cfg.resilience.exit_code,
-        )
-        code = cfg.resilience.exit_code
     finally:
-        flag.uninstall()
-        if exit_when_preempted and _preempted:
+        early.uninstall()
+        if exit_when_stopped and _stopped:
             _exit_now(code)
         with contextlib.suppress(Exception):
             distributed.shutdown()
@@ -407,4 +327,4 @@ def main(argv: list[str] | None = None, *, exit_when_preempted: bool = False) ->
 
 
 if __name__ == "__main__":
-    sys.exit(main(exit_when_preempted=True))
+    sys.exit(main(exit_when_stopped=True))

@@ -21,6 +21,7 @@ one and re-raises its failure.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 import queue
@@ -392,6 +393,32 @@ def gloo_group_like(process_group: Any | None) -> Any | None:
 # ---------------------------------------------------------------------------------------------
 # AsyncCheckpointer
 # ---------------------------------------------------------------------------------------------
+class Rank0ReplicasPlanner(DefaultSavePlanner):
+    """DCP's save planner, except that the entries named in ``from_rank0`` are written from
+    the coordinator's (rank 0's) copy.
+
+    DCP writes a replicated (non-DTensor) tensor once, from whichever rank holds the smallest
+    plan. That is right when every rank holds the same bytes, but BatchNorm running statistics
+    under DDP (and any plain buffer under FSDP2) differ between ranks between forwards, and DDP
+    broadcasts rank 0's buffers at the next forward: rank 0's copy is the one an uninterrupted
+    run continues from. Keys are flattened state-dict keys (``model.bn.running_mean``).
+    """
+
+    def __init__(self, from_rank0: frozenset[str] = frozenset(), **kw: Any) -> None:
+        super().__init__(**kw)
+        self.from_rank0 = from_rank0
+
+    def _dedup_save_plans(self, all_plans: list[Any]) -> list[Any]:
+        if self.from_rank0 and len(all_plans) > 1:
+            all_plans = [all_plans[0]] + [
+                dataclasses.replace(
+                    plan, items=[i for i in plan.items if i.index.fqn not in self.from_rank0]
+                )
+                for plan in all_plans[1:]
+            ]
+        return super()._dedup_save_plans(all_plans)
+
+
 class AsyncCheckpointer:
     """Non-blocking checkpoint saver; each new save waits for the previous one first.
 
@@ -434,7 +461,8 @@ class AsyncCheckpointer:
         return self.mode is not AsyncCheckpointMode.disabled
 
     @property
-    def pending(self) -> bool:
+    def is_pending(self) -> bool:
+        """A save (or buffer allocation) is in flight: ``wait()`` would block."""
         return self._pending is not None
 
     def host_buffer_bytes(self) -> int:
@@ -535,12 +563,15 @@ class AsyncCheckpointer:
         t0: float | None = None,
         digests: dict[str, tuple[int, str]] | None = None,
         defer_copy: bool = False,
+        from_rank0: frozenset[str] = frozenset(),
     ) -> None:
         """Save ``state_dict`` to ``checkpoint_id`` (see the class docstring).
 
         ``digests``: filled with (size, xxh3_64) of every file DCP writes, by name, as it writes
         them. ``defer_copy`` (pinned CUDA staging only): return before the device-to-host copies
         finished; the caller promises to call ``wait_staged`` before mutating the state.
+        ``from_rank0``: flattened keys of replicated tensors written from rank 0's copy
+        (:class:`Rank0ReplicasPlanner`).
         """
         t0 = time.perf_counter() if t0 is None else t0
         self.wait()
@@ -552,7 +583,7 @@ class AsyncCheckpointer:
 
         if not self.is_async:
             stats.bytes = _tensor_bytes(state_dict)
-            self._run(state_dict, checkpoint_id, group, on_written, on_failed, digests)
+            self._run(state_dict, checkpoint_id, group, on_written, on_failed, digests, from_rank0)
             stats.blocked_s = time.perf_counter() - t0
             if not stats.durable_s:
                 stats.durable_s = stats.blocked_s
@@ -574,7 +605,7 @@ class AsyncCheckpointer:
                 torch.cuda.set_device(device)  # this thread would otherwise use (and init) GPU 0
                 event.synchronize()  # the host buffers are complete
                 stats.staged_s = time.perf_counter() - t0
-            self._run(staged, checkpoint_id, group, on_written, on_failed, digests)
+            self._run(staged, checkpoint_id, group, on_written, on_failed, digests, from_rank0)
             if not stats.durable_s:
                 stats.durable_s = time.perf_counter() - t0
 
@@ -584,7 +615,7 @@ class AsyncCheckpointer:
         stats.blocked_s = time.perf_counter() - t0  # before submit: the worker may log it
         self._pending = self._worker.submit(job)
 
-    def _planner(self, group: Any) -> Any:
+    def _planner(self, group: Any, from_rank0: frozenset[str] = frozenset()) -> Any:
         """DCP's default save planner, caching its plans between saves where this torch can.
 
         Every save of a job has the same plan, and building the global one on rank 0 (a
@@ -594,9 +625,9 @@ class AsyncCheckpointer:
         compares the local plans) and re-planned.
         """
         try:
-            planner = DefaultSavePlanner(enable_plan_caching=True)
+            planner = Rank0ReplicasPlanner(from_rank0, enable_plan_caching=True)
         except TypeError:  # pragma: no cover - torch without plan caching
-            return DefaultSavePlanner()
+            return Rank0ReplicasPlanner(from_rank0)
         planner._cached_plans_key = f"kempnerforge-{self._uid}-{id(group)}"
         return planner
 
@@ -608,6 +639,7 @@ class AsyncCheckpointer:
         on_written: Callable[[Any], None] | None,
         on_failed: Callable[[BaseException], None] | None,
         digests: dict[str, tuple[int, str]] | None = None,
+        from_rank0: frozenset[str] = frozenset(),
     ) -> None:
         try:
             writer = make_writer(
@@ -624,7 +656,7 @@ class AsyncCheckpointer:
             dcp.save(
                 state_dict,
                 storage_writer=writer,
-                planner=self._planner(group),
+                planner=self._planner(group, from_rank0),
                 process_group=group,
                 no_dist=no_dist,
             )

@@ -24,12 +24,12 @@ class AsyncCheckpointMode(str, enum.Enum):
 @dataclass
 class CheckpointConfig:
     dir: str = ""  # empty: <output_dir>/checkpoints
-    interval: int = 100  # save every N optimizer steps
+    interval: int = 100  # maybe_save saves every N optimizer steps
+    interval_s: float = 0.0  # also save once this many seconds passed since the last save; 0 = off
     async_mode: AsyncCheckpointMode = AsyncCheckpointMode.disabled
     keep_last_n: int = 3  # <= 0 keeps every checkpoint
-    load_path: str | None = (
-        None  # explicit checkpoint to resume from (a step dir or a checkpoint dir)
-    )
+    # explicit checkpoint to resume from (a step dir or a checkpoint dir)
+    load_path: str | None = None
     exclude_from_loading: list[str] = field(default_factory=list)  # e.g. ["optimizer"]
     ignore_freeze_mismatch: bool = False
     dir_mode: int = 0o700  # permissions of directories we create
@@ -37,6 +37,9 @@ class CheckpointConfig:
     writer: str = "staged"  # "staged" (ours, same DCP files, faster) | "dcp" (FileSystemWriter)
     verify_on_load: str = "size"  # "none" | "size" | "full" (checksums)
     save_timeout_s: float = 600.0  # a save not durable after this long is reported as hung
+    # Every committed checkpoint of this run's dir unusable: "raise" (naming each), or
+    # "start_fresh" (train from step 0 beside them, loudly; they are kept for inspection).
+    on_all_corrupt: str = "raise"
 
     def __post_init__(self) -> None:
         if isinstance(self.async_mode, str) and not isinstance(
@@ -73,6 +76,16 @@ class CheckpointConfig:
         if not 0 <= self.dir_mode <= 0o777:
             raise ValueError(
                 f"checkpoint.dir_mode must be a permission mode like 0o700, got {self.dir_mode!r}"
+            )
+        if self.interval_s < 0:
+            raise ValueError(
+                f"checkpoint.interval_s must be >= 0 (seconds between saves; 0 = off), got "
+                f"{self.interval_s}"
+            )
+        if self.on_all_corrupt not in ("raise", "start_fresh"):
+            raise ValueError(
+                f"checkpoint.on_all_corrupt must be 'raise' or 'start_fresh', got "
+                f"{self.on_all_corrupt!r}"
             )
         if self.save_timeout_s <= 0:
             raise ValueError(f"checkpoint.save_timeout_s must be > 0, got {self.save_timeout_s}")

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from kempnerforge.checkpoint.safe_unpickle import CheckpointFormatError, load_dcp_metadata
@@ -29,8 +30,19 @@ from kempnerforge.checkpoint.safe_unpickle import CheckpointFormatError, load_dc
 logger = logging.getLogger(__name__)
 
 
-class CheckpointMismatchError(ValueError):
-    """The checkpoint was saved from another model/optimizer than the one loading it."""
+class CheckpointMismatchError(ValueError, RuntimeError, CheckpointException):
+    """The checkpoint was saved from another model/optimizer than the one loading it.
+
+    Raised before DCP runs, with every mismatch listed. It is also a ``RuntimeError`` and a DCP
+    ``CheckpointException``, what DCP itself raised for the same situation in the original
+    KempnerForge, so code that caught those keeps working.
+    """
+
+    def __init__(self, msg: str) -> None:
+        super().__init__(msg)
+        self._failures: dict = {}
+
+    __str__ = BaseException.__str__
 
 
 class UnsafeCheckpointDirError(PermissionError):

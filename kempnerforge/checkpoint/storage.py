@@ -511,12 +511,16 @@ def load_metadata(step_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def verify_step_dir(
-    step_dir: str | os.PathLike, level: str = "size", meta: dict[str, Any] | None = None
+    step_dir: str | os.PathLike,
+    level: str = "size",
+    meta: dict[str, Any] | None = None,
+    require_dcp: bool = True,
 ) -> list[Problem]:
     """Check a step dir is complete: metadata.json readable, DCP ``.metadata`` present, and the
     manifest's files present with their sizes (``level="size"``) and checksums (``"full"``).
 
-    ``level="none"`` checks only metadata.json and ``.metadata``. Checkpoints without a manifest
+    ``level="none"`` checks only metadata.json and ``.metadata`` (``require_dcp=False``: a load
+    that excludes both model and optimizer needs no DCP files). Checkpoints without a manifest
     (written by another tool) pass on the first two checks. Returns [] when the dir is good.
     """
     root = Path(step_dir)
@@ -526,7 +530,7 @@ def verify_step_dir(
             return [prob]
     manifest = (meta or {}).get("manifest") or {}
     files: dict[str, Any] = manifest.get("files") or {}
-    if not has_dcp_metadata(root):
+    if require_dcp and not has_dcp_metadata(root):
         return [Problem(str(root / DCP_METADATA_FILE), "missing (DCP save did not finish)")]
     if level == "none":
         return []

@@ -7,19 +7,16 @@ from dataclasses import dataclass
 
 @dataclass
 class DataConfig:
-    path: str | None = (
-        None  # token file (.npy or .bin of uint16/uint32); None: built-in synthetic corpus
-    )
+    # token file (.npy or .bin of uint16/uint32); None: built-in synthetic corpus
+    path: str | None = None
     dtype: str = "uint16"  # for raw .bin files; .npy files carry their own dtype
     synthetic_tokens: int = 1_000_000  # size of the synthetic corpus
     seed: int = 0  # shuffling seed of the sample order
     shuffle: bool = True
-    num_workers: int = (
-        0  # reserved: samples are read in the training process (memmap slices are cheap)
-    )
-    log_samples: bool = (
-        False  # debug: append each step's consumed samples to <output_dir>/samples.rank<R>.jsonl
-    )
+    # worker processes reading the next steps ahead (0: read in the training process)
+    num_workers: int = 0
+    # debug: append each step's consumed samples to <output_dir>/samples.rank<R>.jsonl
+    log_samples: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in ("uint16", "uint32"):

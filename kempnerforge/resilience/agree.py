@@ -1,30 +1,70 @@
-"""All ranks agree on one stop step, riding on the per-step loss all-reduce.
+"""Every rank agrees on the same stop step (and on time-based saves) at almost no cost.
 
-The loop already all-reduces the step's loss so that rank 0 can log the global mean. The local
-stop flag travels in the same tensor: ``[loss, flag]`` summed over ranks gives the mean loss
-and, in the same operation, whether *any* rank saw a signal. Every rank reads the same sum, so
-every rank stops after the same step, at the cost of 8 extra bytes in a collective the loop pays
-for anyway.
+Each step, every rank contributes a few numbers (did a stop signal arrive here, and which kind;
+is a time-based save due by this rank's clock) to a MAX all-reduce on a dedicated gloo group,
+issued asynchronously. The result is read at the next step, when it has long arrived: the check
+never waits on the network and never synchronises a GPU. All ranks read the same reduced values
+at the same step, so they stop (or save) together, one step after the first rank saw the cause.
+With a single process there is nothing to agree on: the local values are the answer at once.
+
+The group is the agreement's own, so these collectives never interleave with the checkpoint's
+background collectives or the training's.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
+# What a rank saw, as the numbers that travel: larger wins.
+NO_STOP = 0
+STOP_SIGNAL = 1  # a preemption-style signal (SIGUSR1 and the like)
+STOP_TERMINATE = 2  # SIGTERM / SIGINT: the job is being ended
 
-def reduce_loss_and_stop(loss: torch.Tensor, stop_local: bool) -> tuple[float, bool]:
-    """(mean loss over ranks, whether any rank asked to stop); no collective on one process."""
-    packed = torch.stack(
-        [
-            loss.detach().to(torch.float64).reshape(()),
-            torch.tensor(float(stop_local), dtype=torch.float64, device=loss.device),
-        ]
-    )
+
+class StopAgreement:
+    """``poll(values)`` returns the element-wise MAX over ranks of the previous call's values
+    (None at the first call), or ``values`` themselves without a process group."""
+
+    def __init__(self) -> None:
+        self.distributed = (
+            dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        )
+        self._group = dist.new_group(backend="gloo") if self.distributed else None
+        self._work: Any = None
+        self._buf: torch.Tensor | None = None
+
+    def poll(self, values: list[float]) -> list[float] | None:
+        if not self.distributed:
+            return list(values)
+        agreed = self._collect()
+        self._buf = torch.tensor(values, dtype=torch.float64)
+        self._work = dist.all_reduce(
+            self._buf, op=dist.ReduceOp.MAX, group=self._group, async_op=True
+        )
+        return agreed
+
+    def _collect(self) -> list[float] | None:
+        if self._work is None:
+            return None
+        self._work.wait()
+        self._work = None
+        assert self._buf is not None
+        return self._buf.tolist()
+
+    def drain(self) -> None:
+        """Complete the collective in flight (every rank calls it at the same point)."""
+        self._collect()
+
+
+def mean_over_ranks(value: torch.Tensor) -> float:
+    """The mean of a scalar over all ranks (for logging one loss per step); no collective on one
+    process."""
+    t = value.detach().to(torch.float64).reshape(())
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(packed, op=dist.ReduceOp.SUM)
-        world = dist.get_world_size()
-    else:
-        world = 1
-    vals = packed.tolist()
-    return vals[0] / world, vals[1] > 0.0
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.item() / dist.get_world_size()
+    return t.item()

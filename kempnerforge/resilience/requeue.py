@@ -34,41 +34,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kempnerforge import exit_codes
+from kempnerforge.checkpoint import storage
+from kempnerforge.launch.environment import JobEnvironment
 from kempnerforge.resilience.config import ResilienceConfig
 
 logger = logging.getLogger(__name__)
 
-GUARD_FILE = "requeue_guard.json"
 # Exit code when the guard (or a failed `scontrol`) stops the requeue loop: not 0 (the job did not
 # finish) and not 75 (nothing may start it again, even on a cluster with RequeueExit=75). Above 75
 # because srun reports the highest exit code of its tasks, and the other ranks exit 75.
-REQUEUE_REFUSED_EXIT_CODE = 76
+REQUEUE_REFUSED_EXIT_CODE = exit_codes.REFUSED
 _HISTORY_KEEP = 50
-
-
-@dataclass
-class JobRef:
-    """Who is asking: the SLURM job (id, restart count) or a local launch."""
-
-    job_id: str
-    under_slurm: bool
-    restart_count: int
-
-    @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> JobRef:
-        env = dict(os.environ) if env is None else env
-        if env.get("SLURM_JOB_ID"):
-            # An array task requeues as ARRAYID_TASKID; a plain job by its id.
-            if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
-                jid = f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
-            else:
-                jid = env["SLURM_JOB_ID"]
-            return cls(jid, True, int(env.get("SLURM_RESTART_COUNT") or 0))
-        return cls(
-            env.get("KEMPNERFORGE_JOB_ID") or "local",
-            False,
-            int(env.get("KEMPNERFORGE_RESTART_COUNT") or 0),
-        )
 
 
 @dataclass
@@ -91,7 +68,7 @@ class GuardDecision:
 
 
 def guard_path(ckpt_dir: str | os.PathLike[str]) -> Path:
-    return Path(ckpt_dir) / GUARD_FILE
+    return Path(ckpt_dir) / storage.GUARD_FILE
 
 
 def load_guard(ckpt_dir: str | os.PathLike[str], job_id: str) -> GuardState:
@@ -111,21 +88,10 @@ def load_guard(ckpt_dir: str | os.PathLike[str], job_id: str) -> GuardState:
 
 
 def save_guard(ckpt_dir: str | os.PathLike[str], state: GuardState) -> None:
-    """Atomic and durable: tmp file, fsync, rename, fsync of the directory."""
+    """Atomic and durable (storage's writer): the record must survive the requeue."""
     path = guard_path(ckpt_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    data = json.dumps(asdict(state), indent=1, sort_keys=True).encode()
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    storage.atomic_write_json(path, asdict(state))
 
 
 def decide(cfg: ResilienceConfig, state: GuardState, committed_step: int | None) -> GuardDecision:
@@ -163,7 +129,9 @@ def _fmt_step(step: int | None) -> str:
     return "none (no checkpoint)" if step is None else str(step)
 
 
-def _record(state: GuardState, action: str, job: JobRef, step: int | None, reason: str) -> None:
+def _record(
+    state: GuardState, action: str, job: JobEnvironment, step: int | None, reason: str
+) -> None:
     state.history.append(
         {
             "time": round(time.time(), 3),
@@ -187,7 +155,7 @@ def maybe_requeue(cfg: ResilienceConfig, ckpt_dir: str, committed_step: int | No
     if not cfg.requeue:
         logger.info("resilience.requeue is false: not requeueing (exit code decides)")
         return False
-    job = JobRef.from_env()
+    job = JobEnvironment.from_env()
     state = load_guard(ckpt_dir, job.job_id)
     verdict = decide(cfg, state, committed_step)
     if not verdict.allowed:

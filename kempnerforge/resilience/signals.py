@@ -22,14 +22,20 @@ class PreemptionFlag:
     def __init__(self) -> None:
         self.requested = False
         self.signal_name: str | None = None  # the first signal received
+        self.signal_names: set[str] = set()  # every signal received
         self.count = 0
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.count += 1
+        self.signal_names.add(signal.Signals(signum).name)
         if not self.requested:
             self.signal_name = signal.Signals(signum).name
             self.requested = True
+
+    @property
+    def installed(self) -> bool:
+        return bool(self._previous)
 
     def install(self, names: list[str]) -> PreemptionFlag:
         if threading.current_thread() is not threading.main_thread():
@@ -47,6 +53,7 @@ class PreemptionFlag:
     def request(self, name: str = "manual") -> None:
         """Ask for a stop from code (tests, a time budget) as if a signal had arrived."""
         self.count += 1
+        self.signal_names.add(name)
         if not self.requested:
             self.signal_name = name
             self.requested = True

@@ -1,50 +1,151 @@
-"""Ends the process if the preemption save does not finish in time.
+"""Deadlines that end the process when the main thread cannot: a stop save that does not finish,
+and a run whose steps stopped making progress (a hung rank, collective or data loader).
 
-SLURM sends the preemption signal a lead time before it kills the job. A save that hangs
-(a stuck filesystem, a rank that died mid-collective) would otherwise sit until SIGKILL with no
-message. The watchdog, set shorter than the lead, prints what happened and exits: ``latest``
-still points at the last committed checkpoint, so a rerun resumes from there.
+Both run in a daemon thread and, when their time is up, print what happened, dump every
+thread's Python stack into the job log (``faulthandler``), let the caller decide the exit code
+(rank 0 asks the requeue guard for another run), and leave through ``os._exit``: the main thread
+is stuck, so nothing it holds can be unwound. A C-level ``faulthandler`` backstop fires a minute
+later in case the stuck thread holds the interpreter lock and no Python thread can run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import logging
 import os
+import statistics
 import sys
 import threading
+import time
+from collections import deque
+from collections.abc import Callable
 
 logger = logging.getLogger(__name__)
 
+BACKSTOP_S = 60.0
+
+
+def dump_stacks() -> None:
+    """Every thread's Python stack to stderr (the job log)."""
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        sys.stderr.flush()
+
+
+def _leave(message: str, decide: Callable[[], int], stacks: bool) -> None:
+    try:
+        logger.critical("%s", message)
+        sys.stderr.write(message + "\n")
+        if stacks:
+            dump_stacks()
+        code = decide()
+    except BaseException:  # the exit must happen whatever the decision raised
+        code = 1
+    logging.shutdown()
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)
+
 
 class SaveWatchdog:
-    """``with SaveWatchdog(90, "preemption save of step 40", exit_code=75): ...``"""
+    """``with SaveWatchdog(90, "stop save of step 40", decide): ...`` exits with ``decide()``'s
+    code when the block has not finished within ``timeout_s``."""
 
-    def __init__(self, timeout_s: float, what: str, exit_code: int) -> None:
+    def __init__(self, timeout_s: float, what: str, decide: Callable[[], int]) -> None:
         self.timeout_s = timeout_s
         self.what = what
-        self.exit_code = exit_code
+        self.decide = decide
         self._done = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def _watch(self) -> None:
         if self._done.wait(self.timeout_s):
             return
-        msg = (
+        _leave(
             f"watchdog: {self.what} did not finish within resilience.save_watchdog_s="
-            f"{self.timeout_s:g}s; exiting with code {self.exit_code}. The last committed "
-            "checkpoint stays 'latest' and a rerun resumes from it."
+            f"{self.timeout_s:g}s; the last committed checkpoint stays 'latest' and a rerun "
+            "resumes from it",
+            self.decide,
+            stacks=True,
         )
-        logger.critical(msg)
-        try:
-            sys.stderr.write(msg + "\n")
-            sys.stderr.flush()
-        finally:
-            os._exit(self.exit_code)
 
     def __enter__(self) -> SaveWatchdog:
-        self._thread = threading.Thread(target=self._watch, name="save-watchdog", daemon=True)
-        self._thread.start()
+        threading.Thread(target=self._watch, name="kempnerforge-save-watchdog", daemon=True).start()
+        faulthandler.dump_traceback_later(self.timeout_s + BACKSTOP_S, exit=True)
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._done.set()
+        faulthandler.cancel_dump_traceback_later()
+
+
+class HangWatchdog:
+    """Ends the run when ``beat()`` has not been called for longer than the threshold.
+
+    ``timeout_s > 0`` is a fixed threshold, armed at the first beat. Otherwise it is
+    ``max(min_s, factor x median interval between beats)``, armed once ``warmup`` intervals were
+    measured (the first steps include compilation and warm-up). ``on_hang(message)`` returns the
+    exit code. ``pause()`` / ``beat()`` around work that is not a step (a long synchronous save).
+    """
+
+    def __init__(
+        self,
+        on_hang: Callable[[str], int],
+        *,
+        timeout_s: float = 0.0,
+        factor: float = 10.0,
+        min_s: float = 300.0,
+        warmup: int = 3,
+        poll_s: float = 1.0,
+    ) -> None:
+        self.on_hang = on_hang
+        self.timeout_s, self.factor, self.min_s, self.warmup = timeout_s, factor, min_s, warmup
+        self.poll_s = poll_s
+        self._intervals: deque[float] = deque(maxlen=101)
+        self._last: float | None = None
+        self._step: int | None = None
+        self._paused = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def threshold(self) -> float | None:
+        """Seconds without a beat that count as a hang, or None while not armed."""
+        if self.timeout_s > 0:
+            return self.timeout_s
+        if len(self._intervals) < self.warmup:
+            return None
+        return max(self.min_s, self.factor * statistics.median(self._intervals))
+
+    def beat(self, step: int | None = None) -> None:
+        now = time.monotonic()
+        if self._last is not None and not self._paused:
+            self._intervals.append(now - self._last)
+        self._last, self._step, self._paused = now, step, False
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._watch, name="kempnerforge-hang-watchdog", daemon=True
+            )
+            self._thread.start()
+
+    def pause(self) -> None:
+        """Not a step until the next beat (which restarts the clock without measuring)."""
+        self._paused = True
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            limit, last = self.threshold(), self._last
+            if self._paused or limit is None or last is None:
+                continue
+            idle = time.monotonic() - last
+            if idle > limit:
+                faulthandler.dump_traceback_later(BACKSTOP_S, exit=True)
+                msg = (
+                    f"no step progress for {idle:.0f}s after step {self._step} (hang threshold "
+                    f"{limit:.0f}s)"
+                )
+                _leave(msg, lambda m=msg: self.on_hang(m), stacks=True)

@@ -666,13 +666,15 @@ class TestAsyncLatestSymlinkSafety:
         assert any("step_20" in m for m in messages(records) if "not usable" in m or "skip" in m)
 
     def test_auto_resume_falls_back_when_given_the_resolved_path(self, tmp_path):
-        """Auto-resume hands load() the path it resolved; with no checkpoint.load_path set the
-        original still falls back off an incomplete step."""
+        """Adapted: the newest original fell back off an incomplete step even when load() was
+        given that path. Here a path given to load() is never substituted (an error names it);
+        auto-resume (no path) falls back, see test_resume_falls_back_to_newest_complete."""
         mgr = self._mgr(tmp_path, AsyncCheckpointMode.async_pinned)
         self._build_ckpt(mgr, tmp_path, 10, complete=True)
         incomplete = self._build_ckpt(mgr, tmp_path, 20, complete=False)
-        step, tokens, _ = mgr.load(path=str(incomplete))
-        assert (step, tokens) == (10, 1000), "auto-resume did not fall back"
+        with pytest.raises(FileNotFoundError, match="step_20"):
+            mgr.load(path=str(incomplete))
+        assert mgr.load()[:2] == (10, 1000)
 
     def test_explicit_load_path_still_fails_loudly(self, tmp_path):
         """A user-named incomplete checkpoint is not substituted: the load fails (the original's
