@@ -261,14 +261,10 @@ def _train(
             "dataloader": loader,
             "extra": {"vlm_freeze": canonical_freeze_meta(in_force)},
         }
-        if step == max_steps:  # the final checkpoint, whatever the interval
+        last = step == max_steps  # the final checkpoint is saved whatever the interval
+        if last or step % cfg.checkpoint.interval == 0:
             durable_metrics()
-            if not ckpt.has_saved(step):
-                ckpt.save(step, **save_args)
-            break
-        if step % cfg.checkpoint.interval == 0:
-            durable_metrics()
-        if ckpt.maybe_save(step, **save_args):
+        if ckpt.maybe_save(step, **save_args, force=last):
             logger.warning("stopped at step %d; exit code %d", step, ckpt.exit_code)
             global _stopped
             _stopped = True

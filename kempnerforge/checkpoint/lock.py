@@ -49,16 +49,16 @@ import os
 import socket
 import threading
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from kempnerforge.checkpoint import storage
 from kempnerforge.launch.environment import JobEnvironment
 
 logger = logging.getLogger(__name__)
 
-LOCK_FILE = ".lock"
-RECORD_FILE = ".lock.json"
+LOCK_FILE = storage.LOCK_FILE
+RECORD_FILE = storage.LOCK_RECORD_FILE
 
 DEFAULT_HEARTBEAT_S = 15.0
 DEFAULT_STALE_AFTER_S = 120.0
@@ -145,14 +145,7 @@ def _heartbeat_age(directory: Path) -> float | None:
 
 def _write_record(directory: Path, holder: LockHolder) -> None:
     """Replace ``.lock.json`` atomically (a reader sees the old record or the new one)."""
-    tmp = directory / f"{RECORD_FILE}.{os.getpid()}.{uuid.uuid4().hex[:6]}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        os.write(fd, json.dumps(asdict(holder)).encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, directory / RECORD_FILE)
+    storage.atomic_write_json(directory / RECORD_FILE, asdict(holder), mode=0o644)
 
 
 class _HeldLock:

@@ -246,10 +246,13 @@ class CheckpointManager:
         scheduler: Any | None = None,
         dataloader: Any | None = None,
         extra: dict[str, Any] | None = None,
+        *,
+        force: bool = False,
     ) -> bool:
         """Call after every optimizer step; True means: stop now and ``sys.exit(self.exit_code)``.
 
-        Saves when ``step % checkpoint.interval == 0`` (or ``checkpoint.interval_s`` passed).
+        Saves when ``step % checkpoint.interval == 0`` (or ``checkpoint.interval_s`` passed, or
+        ``force``: a loop's last step).
         When a stop signal reached any rank, every rank agrees on the same step (one tiny
         asynchronous all-reduce per step, read at the next step), saves it (unless already
         saved), makes ``latest`` durable, requeues under SLURM when the reason calls for it,
@@ -267,7 +270,7 @@ class CheckpointManager:
 
             self.exit_code = run_stop(self, int(step), stop_reason(self, kind), save_now)
             return True
-        if step % self.config.interval == 0 or time_due:
+        if force or step % self.config.interval == 0 or time_due:
             if stop.hang is not None:
                 stop.hang.pause()  # a synchronous save is not a hung step
             try:

@@ -198,12 +198,21 @@ def make_dir(path: str | os.PathLike, mode: int) -> Path:
 
 
 def atomic_write_bytes(
-    path: str | os.PathLike, data: bytes, *, pause_point: str | None = None, rank: int = 0
+    path: str | os.PathLike,
+    data: bytes,
+    *,
+    pause_point: str | None = None,
+    rank: int = 0,
+    mode: int = 0o600,
 ) -> None:
-    """Write ``data`` to ``path`` so a reader sees either the old file or the complete new one."""
+    """Write ``data`` to ``path`` so a reader sees either the old file or the complete new one.
+
+    The one atomic writer of the project's files: checkpoints' own files, the job lock's record
+    and the requeue guard's record (temp name, fsync, rename, fsync of the directory).
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         view = memoryview(data)
         while view:

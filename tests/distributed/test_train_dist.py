@@ -47,13 +47,14 @@ def test_fsdp2_sigusr1_to_every_worker_resume_bit_exact(baseline2: Path, tmp_pat
 def test_stop_on_2_resume_on_3_then_1_consumes_each_sample_once(
     baseline2: Path, tmp_path: Path
 ) -> None:
-    # Only rank 1 gets the signal: the all-reduce agreement stops both ranks after step 4.
+    # Only rank 1 gets the signal after step 4: the agreement (read one step later) stops both
+    # ranks after step 5.
     p = h.run(
         tmp_path,
         [*STAGE, "resilience.debug_signal_step=4", "resilience.debug_signal_rank=1"],
         nproc=2,
     )
-    assert p.returncode != 0 and h.latest_step(tmp_path) == 4, p.stderr[-4000:]
+    assert p.returncode != 0 and h.latest_step(tmp_path) == 5, p.stderr[-4000:]
     # 3 ranks, DDP, through the freeze stage (DDP re-wraps); rank 2 alone is signalled at 8.
     p = h.run(
         tmp_path,
@@ -65,13 +66,13 @@ def test_stop_on_2_resume_on_3_then_1_consumes_each_sample_once(
         ],
         nproc=3,
     )
-    assert p.returncode != 0 and h.latest_step(tmp_path) == 8, p.stderr[-4000:]
+    assert p.returncode != 0 and h.latest_step(tmp_path) == 9, p.stderr[-4000:]
     p = h.run(tmp_path, STAGE)  # one plain process to the end
     assert p.returncode == 0, p.stderr[-4000:]
 
     ms = h.metrics(tmp_path)
     assert [m["step"] for m in ms] == list(range(1, N + 1))
-    assert ms[:4] == h.metrics(baseline2)[:4]  # same world size up to the first stop: same bits
+    assert ms[:5] == h.metrics(baseline2)[:5]  # same world size up to the first stop: same bits
     numbers, indices = h.consumed_samples(tmp_path)
     base_numbers, base_indices = h.consumed_samples(baseline2)
     assert numbers == base_numbers == list(range(N * GBS))  # every global sample exactly once
