@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import threading
 import time
 import uuid
 import weakref
@@ -158,7 +159,7 @@ class CheckpointManager:
         self.exit_code = 0
         if self.rank == 0:
             storage.make_dir(self.dir, config.dir_mode)
-        atexit.register(_flush_at_exit, weakref.ref(self))
+        _LIVE.add(self)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -851,10 +852,27 @@ def _canonical_name(name: str) -> str:
     return name
 
 
-def _flush_at_exit(ref: weakref.ref) -> None:
+_LIVE: weakref.WeakSet[CheckpointManager] = weakref.WeakSet()
+
+
+def _flush_all_at_exit() -> None:
+    for mgr in list(_LIVE):
+        _flush_at_exit(mgr)
+
+
+def _register_exit_flush() -> None:
+    """Run before the interpreter stops thread pools (the writer's threads must still start):
+    ``threading``'s exit hooks run before ``atexit``'s, newest first."""
+    hook = getattr(threading, "_register_atexit", None)
+    if hook is not None:
+        hook(_flush_all_at_exit)
+    else:  # pragma: no cover - an interpreter without it
+        atexit.register(_flush_all_at_exit)
+
+
+def _flush_at_exit(mgr: CheckpointManager) -> None:
     """An async save still in flight when the interpreter exits: finish it, or say so."""
-    mgr = ref()
-    if mgr is None or not mgr.checkpointer.is_pending:
+    if not mgr.checkpointer.is_pending:
         return
     step = mgr._inflight_step
     try:
@@ -885,3 +903,6 @@ def _mutates_in_forward(model: torch.nn.Module) -> bool:
         isinstance(m, _NormBase) and m.track_running_stats and m.running_mean is not None
         for m in model.modules()
     )
+
+
+_register_exit_flush()
