@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from kempnerforge import exit_codes
+from kempnerforge.launch.environment import JobEnvironment
 from kempnerforge.resilience.agree import NO_STOP, STOP_SIGNAL, STOP_TERMINATE, StopAgreement
 from kempnerforge.resilience.config import ResilienceConfig
 from kempnerforge.resilience.reason import StopReason, classify_stop
@@ -168,7 +169,8 @@ def on_hang(mgr: CheckpointManager, message: str) -> int:
         )
         return code
     logger.critical("kempnerforge hang: rank=%d %s; stacks above; exit=%d", mgr.rank, message, 77)
-    time.sleep(_HANG_PEER_WAIT_S)
+    if JobEnvironment.from_env().under_slurm:
+        time.sleep(_HANG_PEER_WAIT_S)
     return exit_codes.HANG
 
 
