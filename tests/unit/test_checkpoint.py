@@ -569,3 +569,23 @@ def test_pinned_staging_on_cuda_reuses_pinned_buffers(tmp_path: Path) -> None:
     model2 = tiny(5)[0].cuda()
     CheckpointManager(cfg, model2, torch.optim.AdamW(model2.parameters())).load()
     assert same(params(model2), params(model))
+
+
+def test_stock_dcp_tools_read_our_checkpoints(tmp_path: Path) -> None:
+    """torch's own FileSystemReader + dcp.load and dcp_to_torch_save read a step of ours."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    mgr, model, _ = mgr_for(tmp_path, "async")
+    mgr.save(3)
+    mgr.wait()
+    step = tmp_path / "ckpt" / "step_3"
+    fresh = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
+    dcp.load({"model": fresh}, storage_reader=dcp.FileSystemReader(str(step)), no_dist=True)
+    for k, v in model.state_dict().items():
+        assert torch.equal(fresh[k], v), k
+    dcp_to_torch_save(str(step), str(tmp_path / "full.pt"))
+    full = torch.load(tmp_path / "full.pt", weights_only=False)
+    for k, v in model.state_dict().items():
+        assert torch.equal(full["model"][k], v), k
+    mgr.close()
