@@ -32,7 +32,6 @@ import shlex
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -53,7 +52,13 @@ from kempnerforge.launch.signal_relay import (
     process_tree,
     signal_name,
 )
-from kempnerforge.launch.task import clean_environment, spawn, task_environment
+from kempnerforge.launch.task import (
+    OutputPump,
+    clean_environment,
+    spawn,
+    task_environment,
+    write_stdout,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -88,11 +93,14 @@ class LocalJob:
 class _Task:
     rank: int
     proc: subprocess.Popen
-    lines: deque[str]
+    output: OutputPump
     log: IO[bytes] | None
-    reader: threading.Thread | None = None
     returncode: int | None = None
     ended_by: str | None = None  # why the launcher ended it, if it did
+
+    @property
+    def lines(self) -> list[str]:
+        return list(self.output.lines)
 
 
 @dataclass
@@ -134,13 +142,7 @@ class LocalLauncher:
     # ------------------------------------------------------------------------- output
     def _emit(self, data: bytes) -> None:
         with self._out:
-            buf = getattr(sys.stdout, "buffer", None)
-            if buf is not None:
-                buf.write(data)
-                buf.flush()
-            else:
-                sys.stdout.write(data.decode(errors="replace"))
-                sys.stdout.flush()
+            write_stdout(data)
 
     def say(self, msg: str) -> None:
         self._emit(f"{PREFIX} {msg}\n".encode())
@@ -217,36 +219,10 @@ class LocalLauncher:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-            task = _Task(rank, proc, deque(maxlen=_KEEP_LINES), log)
-            task.reader = threading.Thread(target=self._pump, args=(task,), daemon=True)
-            task.reader.start()
-            tasks.append(task)
+            assert proc.stdout is not None
+            pump = OutputPump(proc.stdout, self._emit, log, keep=_KEEP_LINES)
+            tasks.append(_Task(rank, proc, pump, log))
         return tasks
-
-    def _pump(self, task: _Task) -> None:
-        """Pass a task's output on as it comes, and keep its last lines (and its log file)."""
-        assert task.proc.stdout is not None
-        fd = task.proc.stdout.fileno()
-        partial = b""
-        while True:
-            try:
-                data = os.read(fd, 1 << 16)
-            except OSError:
-                break
-            if not data:
-                break
-            self._emit(data)
-            if task.log is not None:
-                with contextlib.suppress(OSError):
-                    task.log.write(data)
-                    task.log.flush()
-            *complete, partial = (partial + data).split(b"\n")
-            task.lines.extend(ln.decode(errors="replace") for ln in complete)
-            if len(partial) > 1 << 16:
-                task.lines.append(partial.decode(errors="replace"))
-                partial = b""
-        if partial:
-            task.lines.append(partial.decode(errors="replace"))
 
     def _signal_all(self, tasks: list[_Task], sig: int) -> None:
         for t in tasks:
@@ -322,8 +298,7 @@ class LocalLauncher:
         """Nothing of a run outlives it: leftovers of each task's session are killed."""
         self._signal_all(tasks, signal.SIGKILL)
         for t in tasks:
-            if t.reader is not None:
-                t.reader.join(timeout=5)
+            t.output.join(timeout=5)
             if t.proc.stdout is not None:
                 t.proc.stdout.close()
             if t.log is not None:
@@ -382,7 +357,7 @@ class LocalLauncher:
         what = f"rank {crashed.rank} {records.code_text(rc)}"
         if crashed.ended_by:
             what += f", {crashed.ended_by}"
-        exc = records.exception_line(list(crashed.lines))
+        exc = records.exception_line(crashed.lines)
         if exc:
             what += f": {exc}"
         decision = crash_decision(
@@ -449,7 +424,7 @@ class LocalLauncher:
                 restart,
                 t.rank,
                 t.returncode if t.returncode is not None else -9,
-                list(t.lines),
+                t.lines,
                 decision=decision,
                 ended_by=t.ended_by,
             )

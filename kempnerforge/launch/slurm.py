@@ -28,7 +28,13 @@ from kempnerforge import exit_codes
 from kempnerforge.launch import records
 from kempnerforge.launch.progress import CrashDecision, crash_decision, resume_step
 from kempnerforge.launch.signal_relay import SignalRelay, signal_numbers
-from kempnerforge.launch.task import slurm_environment, spawn, task_environment
+from kempnerforge.launch.task import (
+    OutputPump,
+    slurm_environment,
+    spawn,
+    task_environment,
+    write_stdout,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -251,21 +257,23 @@ class SlurmTask:
             f"{place.master_addr}:{place.master_port}: {shlex.join(self.command)}",
             flush=True,
         )
+        lines: list[str] = []
         try:
-            child = spawn(self.command, env, sigs)
+            child = spawn(self.command, env, sigs, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         except OSError as e:
             print(f"{PREFIX} cannot start {self.command[0]!r}: {e}", flush=True)
             rc = 127
         else:
             relay.watch(child.pid)
+            assert child.stdout is not None
+            output = OutputPump(child.stdout, write_stdout)
             rc = child.wait()
+            lines = output.join(timeout=5)
         print(
             f"{PREFIX} job {job_id} restart {restart} rank {rank}: command ended: "
             f"{records.describe_exit(rc)}",
             flush=True,
         )
-        sys.stdout.flush()
-        lines = records.last_run(records.tail(paths.stdout, 400), job_id)
         extra: dict[str, Any] = {}
         decision: CrashDecision | None = None
         if records.is_crash(rc):

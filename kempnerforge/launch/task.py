@@ -18,13 +18,16 @@ command's exit code (128 + N when it was killed by signal N). Light on purpose: 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
-from typing import Any
+import threading
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from typing import IO, Any
 
 from kempnerforge.launch.environment import JOB_ID_ENV, RESTART_COUNT_ENV, JobEnvironment
 from kempnerforge.launch.records import shell_code
@@ -92,6 +95,65 @@ def spawn(
     argv = command_ignoring(ignore, list(command), sys.executable)
     with blocked(ignore):
         return subprocess.Popen(argv, env=dict(env), **popen)
+
+
+class OutputPump:
+    """Passes a child's output on as it comes (``sink``, and ``log`` if given) and keeps its
+    last lines, so that the launcher can tell how the command ended without re-reading a log
+    file that the scheduler may still be writing."""
+
+    def __init__(
+        self,
+        stream: IO[bytes],
+        sink: Callable[[bytes], None],
+        log: IO[bytes] | None = None,
+        keep: int = 200,
+    ) -> None:
+        self.stream = stream
+        self.sink = sink
+        self.log = log
+        self.lines: deque[str] = deque(maxlen=keep)
+        self._thread = threading.Thread(target=self._run, name="output-pump", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        fd = self.stream.fileno()
+        partial = b""
+        while True:
+            try:
+                data = os.read(fd, 1 << 16)
+            except OSError:
+                break
+            if not data:
+                break
+            self.sink(data)
+            if self.log is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    self.log.write(data)
+                    self.log.flush()
+            *complete, partial = (partial + data).split(b"\n")
+            self.lines.extend(ln.decode(errors="replace") for ln in complete)
+            if len(partial) > 1 << 16:
+                self.lines.append(partial.decode(errors="replace"))
+                partial = b""
+        if partial:
+            self.lines.append(partial.decode(errors="replace"))
+
+    def join(self, timeout: float = 5.0) -> list[str]:
+        """Wait for the end of the output (or ``timeout``); the lines kept."""
+        self._thread.join(timeout)
+        return list(self.lines)
+
+
+def write_stdout(data: bytes) -> None:
+    """Write bytes to this process's stdout at once (the pumps' default sink)."""
+    buf = getattr(sys.stdout, "buffer", None)
+    if buf is not None:
+        buf.write(data)
+        buf.flush()
+    else:
+        sys.stdout.write(data.decode(errors="replace"))
+        sys.stdout.flush()
 
 
 def run_task(command: Sequence[str], signals: Sequence[str]) -> int:
