@@ -174,11 +174,6 @@ class SignalRelay:
             self._unsent.clear()
         self._wake.set()
 
-    @property
-    def held(self) -> list[tuple[int, int]]:
-        with self._lock:
-            return list(self._held)
-
     # ----------------------------------------------------------------------------- delivery
     def _handler(self, signum: int, _frame: Any = None) -> None:
         sig: int | None = signum

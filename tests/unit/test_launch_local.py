@@ -84,6 +84,13 @@ if mode == "early_usr1":  # the signal comes before the task even started: it mu
     if restart == 0:
         wait_for_signal(75)
     sys.exit(0)
+if mode == "stop_lines":  # the training side's one line per stop
+    if restart == 0:
+        print(f"kempnerforge stop: reason=preempt step=5 saved=yes requeue=yes exit=75: run {restart}")
+        sys.exit(75)
+    if rank == 1:
+        print("kempnerforge stop: reason=user-cancel step=12 saved=yes requeue=not-needed exit=0")
+    sys.exit(0)
 if mode == "cancel":
     wait_for_signal(75)
 if mode == "ignore_term":  # never installs a handler: SIGTERM stays ignored as it started
@@ -406,6 +413,23 @@ def test_status_of_a_completed_local_job(work):
     )
     assert re.search(r"restart count:\s+2", st.stdout), st.stdout
     assert st.stdout.rstrip().splitlines()[-1].split() == ["reason:", "completed"]
+
+
+def test_status_shows_the_last_runs_stop_line(work):
+    res, _ = launch(work, "stop_lines")
+    assert res.returncode == 0, res.stdout
+    job = re.search(r"job (local-\w+)", res.stdout).group(1)
+    st = subprocess.run(
+        [sys.executable, "-m", "kempnerforge.launch", "--status", job],
+        cwd=work,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    want = "kempnerforge stop: reason=user-cancel step=12 saved=yes requeue=not-needed exit=0"
+    assert re.search(rf"stop line:\s+{re.escape(want)}$", st.stdout, re.M), st.stdout
+    assert st.stdout.rstrip().splitlines()[-1].split(None, 1) == ["reason:", want]
 
 
 def test_the_launcher_does_not_import_torch(tmp_path):
