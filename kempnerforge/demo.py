@@ -5,8 +5,9 @@
 1. Finds SLURM: a reachable cluster (``sinfo`` answers), else the project's one-host dev cluster
    (``slurm/dev-cluster/start.sh``; needs root and apt), else runs locally.
 2. Trains the debug config once without interruption (2 ranks, local launcher): the reference.
-3. Submits the same job with ``launch/submit.py --nodes 2`` (locally: ``--local``), sends it
-   SIGUSR1 mid-run, and follows it as it saves, requeues itself and resumes.
+3. Submits the same job with ``python -m kempnerforge.launch --nodes 2`` (locally:
+   ``--local``), sends it SIGUSR1 mid-run, and follows it as it saves, requeues itself and
+   resumes.
 4. Prints one verdict line, ``resumed at step S, bit-exact with the uninterrupted run: yes``, and
    writes a PNG of both loss curves with the preemption marked.
 """
@@ -25,7 +26,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SUBMIT = REPO / "launch" / "submit.py"
+LAUNCH = [sys.executable, "-m", "kempnerforge.launch"]
 START = REPO / "slurm" / "dev-cluster" / "start.sh"
 
 
@@ -92,8 +93,7 @@ def wait_steps(path: Path, n: int, timeout: float, alive=lambda: True) -> None:
 def run_reference(args: argparse.Namespace, out: Path) -> None:
     say(f"1/3 uninterrupted reference run: {args.steps} steps, 2 ranks -> {out}")
     cmd = [
-        sys.executable,
-        str(SUBMIT),
+        *LAUNCH,
         "--local",
         "--nodes",
         "1",
@@ -111,10 +111,9 @@ def run_reference(args: argparse.Namespace, out: Path) -> None:
 
 
 def run_preempted_slurm(args: argparse.Namespace, out: Path) -> None:
-    say(f"2/3 submitting the same job to SLURM: launch/submit.py --nodes 2 -> {out}")
+    say(f"2/3 submitting the same job to SLURM: python -m kempnerforge.launch --nodes 2 -> {out}")
     cmd = [
-        sys.executable,
-        str(SUBMIT),
+        *LAUNCH,
         "--slurm",
         "--nodes",
         "2",
@@ -153,7 +152,7 @@ def run_preempted_slurm(args: argparse.Namespace, out: Path) -> None:
         time.sleep(0.5)
     if seen is None or seen[0] != "COMPLETED":
         raise SystemExit(
-            f"[demo] job {job} ended {seen}; see python launch/submit.py --status {job}"
+            f"[demo] job {job} ended {seen}; see python -m kempnerforge.launch --status {job}"
         )
     log = Path(out) / "slurm" / f"{job}_0_log.out"
     for line in log.read_text(errors="replace").splitlines():
@@ -164,8 +163,7 @@ def run_preempted_slurm(args: argparse.Namespace, out: Path) -> None:
 def run_preempted_local(args: argparse.Namespace, out: Path) -> None:
     say(f"2/3 running the same job with the local launcher (no SLURM) -> {out}")
     cmd = [
-        sys.executable,
-        str(SUBMIT),
+        *LAUNCH,
         "--local",
         "--nodes",
         "1",
@@ -249,10 +247,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not 0 < args.preempt_after < args.steps - 2:
         p.error("--preempt-after must be between 1 and --steps - 3")
-    if not SUBMIT.is_file():
-        raise SystemExit(
-            f"[demo] {SUBMIT} not found: run the demo from a checkout of the repository"
-        )
     out = Path(args.out).absolute()
     if out.exists():
         shutil.rmtree(out)

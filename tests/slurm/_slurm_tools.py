@@ -37,9 +37,12 @@ def job_env() -> dict[str, str]:
     return env
 
 
-def run(cmd: list[str], timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+def run(
+    cmd: list[str], timeout: float = 120, env_extra: dict[str, str] | None = None, **kw
+) -> subprocess.CompletedProcess:
+    env = {**job_env(), **(env_extra or {})}
     return subprocess.run(
-        [str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, env=job_env(), **kw
+        [str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, env=env, **kw
     )
 
 
