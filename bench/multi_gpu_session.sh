@@ -99,7 +99,7 @@ errs() {
 # a worker that aborts at interpreter exit after "done" fails the launch)
 ended() {
   local d a
-  d=$(grep -ohE "done: [0-9]+ steps|stop requested[^;]*; saving step [0-9]+" "$1" | tail -n 1)
+  d=$(grep -ohE "done: [0-9]+ steps|kempnerforge stop: reason=[a-z-]+ signal=[A-Z0-9-]+ step=[0-9]+" "$1" | tail -n 1)
   a=$(grep -c "terminate called without an active exception" "$1")
   echo "[${d:-no end line}${a:+$( [ "$a" -gt 0 ] && echo "; $a worker(s) aborted at exit")}]"
 }
@@ -116,7 +116,7 @@ echo "A uninterrupted: torchrun $(how $?) $(ended $WORK/a.log)"
 trun $G "$(box 120 $((R2 + 80)))" output_dir=$WORK/b resilience.debug_signal_step=$K \
   resilience.debug_signal_rank=-1 > $WORK/b1.log 2>&1
 echo "B preempted by SIGUSR1 on every rank after step $K: torchrun $(how $?), $(workers75 $WORK/b1.log) $(ended $WORK/b1.log)"
-grep -h "stop requested\|durable after" $WORK/b1.log | tail -n 2
+grep -h "kempnerforge stop\|durable=" $WORK/b1.log | tail -n 2
 trun $G "$(box 120 $((R2 + 30)))" output_dir=$WORK/b > $WORK/b2.log 2>&1
 echo "B resumed: torchrun $(how $?) $(ended $WORK/b2.log)"
 grep -h "resumed from step" $WORK/b2.log | tail -n 1

@@ -156,7 +156,7 @@ def run_preempted_slurm(args: argparse.Namespace, out: Path) -> None:
         )
     log = Path(out) / "slurm" / f"{job}_0_log.out"
     for line in log.read_text(errors="replace").splitlines():
-        if re.search(r"restart \d+ rank 0/|stop requested|requeued job|resumed from step", line):
+        if re.search(r"restart \d+ rank 0/|kempnerforge stop|requeued job|resumed from step", line):
             say(f"  log | {line.strip()[:160]}")
 
 
@@ -183,7 +183,7 @@ def run_preempted_local(args: argparse.Namespace, out: Path) -> None:
     proc.send_signal(signal.SIGUSR1)
     output, _ = proc.communicate()
     for line in output.splitlines():
-        if re.search(r"kempnerforge.launch|stop requested|resumed from step", line):
+        if re.search(r"kempnerforge.launch|kempnerforge stop|resumed from step", line):
             say(f"  log | {line.strip()[:160]}")
     if proc.returncode != 0:
         raise SystemExit(f"[demo] the preempted run failed ({proc.returncode})")

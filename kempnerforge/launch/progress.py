@@ -4,91 +4,19 @@ A run that crashed is worth starting again only if it got further than the run b
 that fails at start-up would otherwise be restarted until the allocation is gone. Progress is
 judged by the step a new run would resume from, read before the run starts and after it ended.
 
-``resume_step`` must stay torch-free (the launcher and ``--status`` use it); it answers what the
-checkpoint manager's resolver answers: the step of ``latest`` when that is a committed step
-directory, else the newest committed ``step_N``.
+``resume_step`` is the checkpoint manager's own resolver (torch-free), so the launcher, ``--status``
+and a resume agree on which step a run would start from.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
 from dataclasses import asdict, dataclass
-from pathlib import Path
+
+from kempnerforge.checkpoint.resolve import resume_step
 
 logger = logging.getLogger(__name__)
-
-_STEP_DIR = re.compile(r"^step_(\d+)$")
-_PP_DIR = re.compile(r"^pp_?(\d+)$")
-
-
-def _committed_step(step_dir: Path) -> int | None:
-    """The step of a committed step directory: metadata.json with an integer step (written
-    last by the commit) and DCP's ``.metadata``; None when either is missing or unreadable."""
-    try:
-        meta = json.loads((step_dir / "metadata.json").read_bytes())
-    except (OSError, ValueError, UnicodeDecodeError):
-        return None
-    step = meta.get("step") if isinstance(meta, dict) else None
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        return None
-    return step if _has_dcp_metadata(step_dir) else None
-
-
-def _has_dcp_metadata(step_dir: Path) -> bool:
-    """DCP's ``.metadata`` in the step, or in every pipeline stage's dir (``pp_K`` / ``ppK``)."""
-    if (step_dir / ".metadata").exists():
-        return True
-    try:
-        stages = [c for c in step_dir.iterdir() if _PP_DIR.match(c.name) and c.is_dir()]
-    except OSError:
-        return False
-    return bool(stages) and all((c / ".metadata").exists() for c in stages)
-
-
-def _latest_target(root: Path) -> Path | None:
-    link = root / "latest"
-    try:
-        if link.is_symlink():
-            target = os.readlink(link)
-        elif link.is_file():
-            target = link.read_text().strip()
-        else:
-            return None
-    except (OSError, UnicodeDecodeError):
-        return None
-    name = target.strip("/")
-    if not name or os.path.isabs(target) or "/" in name or name in (".", ".."):
-        return None
-    return root / name
-
-
-def _resume_step(root: str | os.PathLike[str]) -> int | None:
-    root = Path(root)
-    target = _latest_target(root)
-    if target is not None and target.is_dir():
-        step = _committed_step(target)
-        if step is not None:
-            return step
-    try:
-        children = list(root.iterdir())
-    except OSError:
-        return None
-    steps = []
-    for child in children:
-        m = _STEP_DIR.match(child.name)
-        if m and child.is_dir() and not child.is_symlink():
-            step = _committed_step(child)
-            if step is not None:
-                steps.append(step)
-    return max(steps) if steps else None
-
-
-# The one place that names the resolver: becomes
-# ``from kempnerforge.checkpoint.resolve import resume_step`` once that module exists.
-resume_step = _resume_step
 
 
 @dataclass

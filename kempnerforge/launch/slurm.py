@@ -120,6 +120,8 @@ def slurm_parameters(args: argparse.Namespace, command: list[str]) -> dict[str, 
             # Read by submitit at import in the task: its handler must sit on our signal, not
             # on USR2 (whose default action would kill the task), and is replaced by ours.
             f"export SUBMITIT_PREEMPT_SIGNAL={args.signal.removeprefix('SIG')}",
+            # Read by the training side to tell a time-limit warning from a preemption signal.
+            f"export KEMPNERFORGE_SIGNAL_LEAD={args.signal_lead}",
         ],
         "additional_parameters": {"requeue": True},
     }

@@ -14,7 +14,7 @@ small JSON file in the checkpoint directory (it must survive the requeue), keyed
 new submission starts fresh.
 
 Outside SLURM the same guard decides whether a launcher may start the job again: ``maybe_requeue``
-returns True (the caller exits 75 and ``launch/submit.py --local`` restarts it) or False.
+returns True (the caller exits 75 and the local launcher restarts it) or False.
 
 Usage (rank 0 only, after ``flush_pending_save()`` + ``wait()``)::
 

@@ -76,7 +76,7 @@ def test_submit_preempted_twice_bit_exact(slurm_cluster, reference, tmp_path):
     # The log kept every run (--open-mode=append) and shows the restart count of each.
     log = tmp_path / "slurm" / f"{job}_0_log.out"
     assert _banners(log, job) == [0, 1, 2]
-    assert log.read_text().count("stop requested (SIGUSR1)") == 2
+    assert log.read_text().count("kempnerforge stop: reason=preemption-signal signal=SIGUSR1") == 2
 
     # --dry-run printed exactly what was submitted.
     dry = run([PYTHON, SUBMIT, *args, "--dry-run"])
@@ -117,7 +117,7 @@ def test_partition_preemption(slurm_cluster, reference, tmp_path):
     assert int(info["Restarts"]) >= 1, info
     log = (tmp_path / "slurm" / f"{job}_0_log.out").read_text()
     # The job's own --signal arrived inside the grace time and the stop step was saved.
-    assert "stop requested (SIGUSR1)" in log
+    assert "signal=SIGUSR1" in log and "kempnerforge stop: reason=" in log
     assert_bit_exact(m, reference)
 
 
@@ -136,7 +136,10 @@ def test_time_limit_signal(slurm_cluster, reference, tmp_path):
     info = wait_final(job, 400)
     assert info["JobState"] == "COMPLETED", info
     assert int(info["Restarts"]) >= 1, info
-    assert "stop requested (SIGUSR1)" in (tmp_path / "slurm" / f"{job}_0_log.out").read_text()
+    assert (
+        "kempnerforge stop: reason=time-limit signal=SIGUSR1"
+        in (tmp_path / "slurm" / f"{job}_0_log.out").read_text()
+    )
     assert_bit_exact(m, reference)
 
 
