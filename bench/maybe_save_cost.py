@@ -213,7 +213,8 @@ def sync_probe(tr: Trainer, mgr: CheckpointManager, step: int, n: int) -> tuple[
     """
     stream = torch.cuda.current_stream()
     busy_before = busy_after = drained = flagged = 0
-    for _ in range(n):
+    where: list[str] = []  # the debug mode and the warning capture are process-wide: say where
+    for i in range(n):
         tr.step()
         step += 1
         before = not stream.query()
@@ -225,7 +226,9 @@ def sync_probe(tr: Trainer, mgr: CheckpointManager, step: int, n: int) -> tuple[
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         after = not stream.query()
-        flagged += sum("synchroniz" in str(w.message).lower() for w in caught)
+        hits = [w for w in caught if "synchroniz" in str(w.message).lower()]
+        flagged += len(hits)
+        where.extend(f"call {i}: {w.filename}:{w.lineno}: {str(w.message)[:200]}" for w in hits)
         busy_before += before
         busy_after += after
         drained += before and not after
@@ -233,6 +236,7 @@ def sync_probe(tr: Trainer, mgr: CheckpointManager, step: int, n: int) -> tuple[
     return step, {
         "calls": n,
         "sync_calls_flagged": flagged,
+        "sync_flagged_where": where[:10],
         "stream_busy_before_call": busy_before,
         "stream_busy_after_call": busy_after,
         "busy_before_idle_after": drained,
@@ -428,6 +432,8 @@ def report(res: dict[str, Any]) -> None:
             f"{p['stream_busy_before_call']}/{p['stream_busy_after_call']}, "
             f"busy before and idle after {p['busy_before_idle_after']}"
         )
+        for line in p["sync_flagged_where"]:
+            print(f"  flagged: {line}")
     t = res["target"]
     verdict = "PASS" if t["pass"] else "MISS"
     print(f"{verdict}: {t['name']}: {t['value']:.5%}")
