@@ -1,8 +1,9 @@
-"""The checkpoint benchmark's CI-sized run produces every figure the performance issue asks for.
+"""The benchmarks' CI-sized runs produce every figure the performance issues ask for.
 
 Runs ``bench/checkpoint_bench.py --smoke`` for real (real saves with the real CheckpointManager,
 real DCP baselines, real child processes for resume and preemption, on ``tmp_path``) and checks
-the JSON it writes. No timing thresholds: speed is judged by the full benchmark, not by CI.
+the JSON it writes; likewise ``bench/maybe_save_cost.py`` on two ranks. No timing thresholds:
+speed is judged by the full benchmarks, not by CI.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -77,3 +80,40 @@ def test_bench_smoke_writes_all_figures(tmp_path: Path) -> None:
     assert "ratio (target)" in proc.stdout
     # the benchmark cleans up after itself on the checkpoint filesystem
     assert not any((tmp_path / "fs").rglob("*.distcp"))
+
+
+@pytest.mark.distributed
+def test_maybe_save_cost_smoke_two_ranks(tmp_path: Path) -> None:
+    """``bench/maybe_save_cost.py`` on 2 CPU ranks (torchrun, gloo: the agreement's all-reduce
+    really runs) for a few steps writes every figure. Whether the check meets its target is the
+    full benchmark's verdict, not CI's: only that the figures are there and positive."""
+    out = tmp_path / "cost.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "maybe_save_cost.py"),
+            *("--device", "cpu", "--size", "debug", "--ranks", "2"),
+            *("--steps", "4", "--pairs", "2", "--warmup", "2", "--json", str(out)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["meta"]["ranks"] == 2 and res["meta"]["steps_per_arm"] == 2
+    assert res["check_calls"] == 2 * 2 * 2  # ranks x pairs x steps per arm
+    assert [r["rank"] for r in res["check_per_rank"]] == [0, 1]
+    for key in ("step_s", "check_median_us", "check_p90_us", "ratio_check_step"):
+        assert isinstance(res[key], float) and res[key] > 0, (key, res[key])
+    assert res["ratio_check_p90_step"] >= res["ratio_check_step"]
+    tp = res["throughput"]
+    assert isinstance(tp["ratio"], float) and tp["ratio"] > 0
+    assert len(tp["arms_without_s"]) == len(tp["arms_with_s"]) == 2
+    assert isinstance(tp["excess_per_step_us"], float)
+    assert res["saved_any"] is False, "the interval is beyond the run: nothing may be saved"
+    assert isinstance(res["target"]["pass"], bool) and res["target"]["limit"] == 0.01
+    assert "PASS" in proc.stdout or "MISS" in proc.stdout
