@@ -3,7 +3,8 @@ and ``launch/submit.py``).
 
     python -m kempnerforge.launch [--local | --slurm] --nodes N --tasks-per-node K
         [--partition P --time T --account A --qos Q --gpus-per-node G --cpus-per-task C
-         --job-name NAME --signal USR1 --signal-lead 120 --max-requeues N --folder DIR]
+         --job-name NAME --signal USR1 --signal-lead 120 --max-requeues N --folder DIR
+         --sbatch KEY[=VALUE] ...]
         [--checkpoint-dir DIR] [--requeue-on-crash] [--grace S] [--dry-run] [--wait]
         (--config CFG [section.key=value ...] | -- COMMAND ...)
     python -m kempnerforge.launch --status JOB_ID [--folder DIR]
@@ -55,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--account")
     p.add_argument("--qos")
     p.add_argument("--job-name", default="kempnerforge")
+    p.add_argument(
+        "--sbatch",
+        action="append",
+        default=[],
+        metavar="KEY[=VALUE]",
+        help="any other #SBATCH option, repeatable: --sbatch nodelist=n[3-4] --sbatch exclusive",
+    )
     p.add_argument("--signal", default="USR1", help="preemption signal sent to every task")
     p.add_argument(
         "--signal-lead",

@@ -96,6 +96,17 @@ def minutes(spec: str) -> int:
     return max(1, days * 1440 + h * 60 + m + (1 if s else 0))
 
 
+def sbatch_options(items: list[str]) -> dict[str, Any]:
+    """``["nodelist=n[3-4]", "exclusive"]`` -> submitit's additional parameters."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.removeprefix("--").partition("=")
+        if not key:
+            raise SystemExit(f"error: --sbatch {item!r}: give KEY=VALUE or KEY")
+        out[key.replace("-", "_")] = value if sep else True
+    return out
+
+
 def tasks_per_node(args: argparse.Namespace) -> int:
     return args.tasks_per_node or args.gpus_per_node or 1
 
@@ -123,7 +134,7 @@ def slurm_parameters(args: argparse.Namespace, command: list[str]) -> dict[str, 
             # Read by the training side to tell a time-limit warning from a preemption signal.
             f"export KEMPNERFORGE_SIGNAL_LEAD={args.signal_lead}",
         ],
-        "additional_parameters": {"requeue": True},
+        "additional_parameters": {"requeue": True, **sbatch_options(args.sbatch)},
     }
     if args.cpus_per_task:
         params["cpus_per_task"] = args.cpus_per_task

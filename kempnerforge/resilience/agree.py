@@ -34,16 +34,18 @@ class StopAgreement:
         )
         self._group = dist.new_group(backend="gloo") if self.distributed else None
         self._work: Any = None
-        self._buf: torch.Tensor | None = None
+        # two buffers: one in flight, the other filled for the next step (no allocation per step)
+        self._bufs = [torch.zeros(2, dtype=torch.float64) for _ in range(2)]
+        self._turn = 0
 
     def poll(self, values: list[float]) -> list[float] | None:
         if not self.distributed:
             return list(values)
         agreed = self._collect()
-        self._buf = torch.tensor(values, dtype=torch.float64)
-        self._work = dist.all_reduce(
-            self._buf, op=dist.ReduceOp.MAX, group=self._group, async_op=True
-        )
+        self._turn ^= 1
+        buf = self._bufs[self._turn]
+        buf[0], buf[1] = values
+        self._work = dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
         return agreed
 
     def _collect(self) -> list[float] | None:
@@ -51,8 +53,7 @@ class StopAgreement:
             return None
         self._work.wait()
         self._work = None
-        assert self._buf is not None
-        return self._buf.tolist()
+        return self._bufs[self._turn].tolist()
 
     def drain(self) -> None:
         """Complete the collective in flight (every rank calls it at the same point)."""

@@ -120,5 +120,7 @@ def test_slurm_preempted_with_scancel_usr1_bit_exact(slurm_cluster, tmp_path: Pa
     info = wait_final(job, 400)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", job_info(job)
     assert_same_run(out, ref, STEPS[2])
+    log = (tmp_path / "slurm" / f"{job}_0_log.out").read_text()
+    assert "kempnerforge stop: reason=preemption-signal signal=SIGUSR1" in log
     st = run([sys.executable, SUBMIT, "--status", job, "--folder", tmp_path / "slurm"])
-    assert "reason=preemption-signal" in st.stdout, st.stdout
+    assert "reason:         completed" in st.stdout, st.stdout

@@ -31,6 +31,8 @@ if mode == "crash_after_progress" and rank == 0:
         d = out / "ckpt" / "step_10"
         d.mkdir(parents=True)
         (d / ".metadata").write_bytes(b"")
+        (d / "train_state").mkdir()
+        (d / "train_state" / "rank_00000.pt").write_bytes(b"")
         (d / "metadata.json").write_text(json.dumps({"step": 10}))
         (out / "ckpt" / "latest").symlink_to("step_10")
     raise ValueError(f"boom in run {restart}")

@@ -10,9 +10,9 @@ import json
 
 import pytest
 
+from kempnerforge.checkpoint.storage import GUARD_FILE
 from kempnerforge.resilience.config import ResilienceConfig
 from kempnerforge.resilience.requeue import (
-    GUARD_FILE,
     REQUEUE_REFUSED_EXIT_CODE,
     exit_code_after_preemption,
     last_decision,

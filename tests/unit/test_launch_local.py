@@ -37,11 +37,13 @@ def mark(name):
 
 
 def commit(step):
-    """A checkpoint as the resolver accepts it: step_N/{metadata.json,.metadata} + latest."""
+    """A checkpoint as the resolver accepts it: metadata.json, .metadata, a train state, latest."""
     root = out / "ckpt"
     d = root / f"step_{step}"
     d.mkdir(parents=True, exist_ok=True)
     (d / ".metadata").write_bytes(b"")
+    (d / "train_state").mkdir(exist_ok=True)
+    (d / "train_state" / "rank_00000.pt").write_bytes(b"")
     (d / "metadata.json").write_text(json.dumps({"step": step}))
     tmp = root / ".latest.tmp"
     tmp.unlink(missing_ok=True)

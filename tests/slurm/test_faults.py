@@ -1,0 +1,235 @@
+"""Faults beyond preemption on the real dev cluster: each ends the way a user expects.
+
+Nine cases, each with the line it must end with (state, restarts, resumed step, bit-exact losses,
+the reason ``--status`` gives):
+
+================================  =========  ========  ====================================
+case                              state      restarts  reason (``--status``)
+================================  =========  ========  ====================================
+node failure, the batch host      COMPLETED  1         requeued by the cluster, bit-exact
+node failure, the other node      COMPLETED  1         requeued by the cluster, bit-exact
+user cancel (``scancel``)         CANCELLED  0         user-cancel; ``latest`` intact
+admin ``scontrol requeue``        COMPLETED  1         requeued, bit-exact
+time limit, no lead (submit.py)   TIMEOUT    0         time-limit-no-lead
+time limit, no lead (sbatch)      TIMEOUT    0         time-limit-no-lead
+SIGKILL of rank 0                 COMPLETED  1         crash restarted on progress, bit-exact
+a save failing on every rank      FAILED     0         crash: rank N ... No space left
+a run that fails on resume        FAILED     1         crash: FileNotFoundError, not restarted
+================================  =========  ========  ====================================
+
+A node failure is a node set DOWN by the controller (its jobs are requeued, as after a failed
+node); a hard loss of a node is the same for the job once the controller notices.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _slurm_tools import (
+    DEBUG_CONFIG,
+    PYTHON,
+    REPO,
+    SUBMIT,
+    TINY,
+    assert_bit_exact,
+    job_info,
+    metrics,
+    n_metrics,
+    run,
+    signal_job,
+    submit,
+    wait_final,
+    wait_until,
+)
+
+pytestmark = pytest.mark.slurm
+
+FAULT = [*TINY[:-1], "checkpoint.interval=4"]  # committed steps to resume from
+
+
+def _args(tmp_path: Path, name: str, *extra: str, overrides: list[str] | None = None) -> list[str]:
+    return [
+        "--slurm", "--nodes", "2", "--job-name", f"kftest-{name}", "--config", str(DEBUG_CONFIG),
+        "--folder", str(tmp_path / "slurm"), *extra, f"output_dir={tmp_path / 'run'}",
+        *(overrides or FAULT),
+    ]  # fmt: skip
+
+
+def _status(tmp_path: Path, job: str) -> str:
+    st = run([PYTHON, SUBMIT, "--status", job, "--folder", tmp_path / "slurm"])
+    assert st.returncode == 0, st.stderr
+    return st.stdout
+
+
+def _reason(status: str) -> str:
+    return next(ln for ln in status.splitlines() if ln.strip().startswith("reason:"))
+
+
+def _log(tmp_path: Path, job: str, rank: int = 0) -> str:
+    return (tmp_path / "slurm" / f"{job}_{rank}_log.out").read_text(errors="replace")
+
+
+def _resumed(tmp_path: Path, job: str) -> list[int]:
+    return [int(s) for s in re.findall(r"resumed from step (\d+) ", _log(tmp_path, job))]
+
+
+def _committed_ok(ckpt: Path) -> int | None:
+    from kempnerforge.checkpoint.resolve import find_resumable
+
+    res = find_resumable(ckpt)
+    assert res.error is None, res.error
+    return res.step
+
+
+# --------------------------------------------------------------------------- node failure
+
+
+@pytest.mark.parametrize("which", ["BatchHost", "other"])
+def test_node_failure_resumes_bit_exact(slurm_cluster, reference, tmp_path, which):
+    job = submit(_args(tmp_path, f"node-{which}"))
+    m = tmp_path / "run" / "metrics.jsonl"
+    wait_until("6 steps", lambda: n_metrics(m) >= 6, 180, job)
+    info = job_info(job)
+    nodes = run(["scontrol", "show", "hostnames", info["NodeList"]]).stdout.split()
+    node = (
+        info["BatchHost"]
+        if which == "BatchHost"
+        else next(n for n in nodes if n != info["BatchHost"])
+    )
+    try:
+        res = run(["scontrol", "update", f"nodename={node}", "state=down", "reason=kftest"])
+        assert res.returncode == 0, res.stderr
+        wait_until("the requeue", lambda: int(job_info(job).get("Restarts", 0)) >= 1, 120)
+    finally:
+        run(["scontrol", "update", f"nodename={node}", "state=resume"])
+    final = wait_final(job, 300)
+    assert (final["JobState"], final["Restarts"]) == ("COMPLETED", "1"), final
+    assert_bit_exact(m, reference)
+    resumed = _resumed(tmp_path, job)
+    assert len(resumed) == 1 and resumed[0] >= 4, resumed  # the last committed step
+    assert "reason=requeued" in _log(tmp_path, job)
+    assert "completed" in _reason(_status(tmp_path, job))
+
+
+# --------------------------------------------------------------------------- the rest, at once
+
+
+def _token_file(path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    np.save(path, rng.integers(0, 256, size=200_000, dtype=np.uint16))
+    return path
+
+
+def _pids(job: str, rank: int) -> list[int]:
+    """This job's training processes of ``rank`` on this host (all emulated nodes share it)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            env = (d / "environ").read_bytes().split(b"\0")
+            cmd = (d / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if (
+            f"SLURM_JOB_ID={job}".encode() in env
+            and f"RANK={rank}".encode() in env
+            and b"kempnerforge.train" in cmd
+        ):
+            out.append(int(d.name))
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_fs(tmp_path_factory):
+    mnt = tmp_path_factory.mktemp("small")
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mnt)])
+    if res.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)])
+
+
+def test_every_other_fault_ends_as_expected(slurm_cluster, reference, tmp_path, small_fs):
+    """Seven jobs at once, each with its own fault; then each ending is checked."""
+    d = {k: tmp_path / k for k in ("cancel", "requeue", "tl", "tl_sbatch", "kill", "save", "data")}
+    for p in d.values():
+        p.mkdir()
+    data = _token_file(tmp_path / "tokens.npy")
+    jobs = {
+        "cancel": submit(_args(d["cancel"], "cancel")),
+        "requeue": submit(_args(d["requeue"], "admin-requeue")),
+        "tl": submit(_args(d["tl"], "tl", "--time", "1", "--signal-lead", "0")),
+        "kill": submit(_args(d["kill"], "kill", "--requeue-on-crash")),
+        "save": submit(
+            _args(d["save"], "save", overrides=[*FAULT, f"checkpoint.dir={small_fs / 'ck'}"])
+        ),
+        "data": submit(
+            _args(d["data"], "data", "--requeue-on-crash", overrides=[*FAULT, f"data.path={data}"])
+        ),
+    }
+    wrap = (
+        f"srun {PYTHON} -u -m kempnerforge.launch.task -- {PYTHON} -u -m kempnerforge.train "
+        f"--config {DEBUG_CONFIG} output_dir={d['tl_sbatch'] / 'run'} " + " ".join(FAULT)
+    )
+    res = run(
+        ["sbatch", "--parsable", "--requeue", "--open-mode=append", "--time=1", "-N", "2",
+         "--job-name=kftest-tl-sbatch", f"--output={d['tl_sbatch'] / 'job.out'}", "--wrap", wrap],
+        cwd=REPO,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    jobs["tl_sbatch"] = res.stdout.strip().split(";")[0]
+    m = {k: p / "run" / "metrics.jsonl" for k, p in d.items()}
+
+    def after(key: str, steps: int) -> None:
+        wait_until(f"{key}: {steps} steps", lambda: n_metrics(m[key]) >= steps, 300, jobs[key])
+
+    after("cancel", 6)
+    assert run(["scancel", jobs["cancel"]]).returncode == 0
+    after("requeue", 6)
+    assert run(["scontrol", "requeue", jobs["requeue"]]).returncode == 0
+    for key in ("tl", "tl_sbatch"):  # frozen until the limit, so they cannot finish first
+        after(key, 3)
+        signal_job(jobs[key], "STOP")
+    after("kill", 6)
+    for pid in _pids(jobs["kill"], 0):
+        os.kill(pid, signal.SIGKILL)
+    after("data", 6)
+    signal_job(jobs["data"], "USR1")  # saves and requeues; the rerun finds no data file
+    data.unlink()
+
+    final = {k: wait_final(j, 420) for k, j in jobs.items()}
+    line = {k: (v["JobState"], v["Restarts"]) for k, v in final.items()}
+
+    assert line["cancel"] == ("CANCELLED", "0"), final["cancel"]
+    _committed_ok(d["cancel"] / "run" / "checkpoints")  # latest intact (the stop step or 4)
+    assert "reason=user-cancel" in _reason(_status(d["cancel"], jobs["cancel"]))
+
+    assert line["requeue"] == ("COMPLETED", "1"), final["requeue"]
+    assert_bit_exact(m["requeue"], reference)
+    assert "reason=requeued" in _log(d["requeue"], jobs["requeue"])
+
+    for key in ("tl", "tl_sbatch"):
+        assert line[key] == ("TIMEOUT", "0"), final[key]
+    assert "reason=time-limit-no-lead" in _reason(_status(d["tl"], jobs["tl"]))
+    assert "reason=time-limit-no-lead" in (d["tl_sbatch"] / "job.out").read_text()
+
+    assert line["kill"] == ("COMPLETED", "1"), final["kill"]
+    assert_bit_exact(m["kill"], reference)
+    assert _resumed(d["kill"], jobs["kill"]) and _resumed(d["kill"], jobs["kill"])[0] >= 4
+
+    assert line["save"][0] == "FAILED" and line["save"][1] == "0", final["save"]
+    reason = _reason(_status(d["save"], jobs["save"]))
+    assert "crash: rank" in reason and "No space left" in reason, reason
+
+    assert line["data"] == ("FAILED", "1"), final["data"]
+    reason = _reason(_status(d["data"], jobs["data"]))
+    assert "FileNotFoundError" in reason and "not restarted" in reason, reason
+    assert "no progress" in reason, reason
+    assert metrics(m["data"])  # the first run trained
