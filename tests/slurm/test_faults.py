@@ -51,6 +51,7 @@ from _slurm_tools import (
 pytestmark = pytest.mark.slurm
 
 FAULT = [*TINY[:-1], "checkpoint.interval=4"]  # committed steps to resume from
+LONG = [*FAULT, "train.max_steps=100000"]  # runs into its time limit
 
 
 def _args(tmp_path: Path, name: str, *extra: str, overrides: list[str] | None = None) -> list[str]:
@@ -165,7 +166,7 @@ def test_every_other_fault_ends_as_expected(slurm_cluster, reference, tmp_path, 
     jobs = {
         "cancel": submit(_args(d["cancel"], "cancel")),
         "requeue": submit(_args(d["requeue"], "admin-requeue")),
-        "tl": submit(_args(d["tl"], "tl", "--time", "1", "--signal-lead", "0")),
+        "tl": submit(_args(d["tl"], "tl", "--time", "1", "--signal-lead", "0", overrides=LONG)),
         "kill": submit(_args(d["kill"], "kill", "--requeue-on-crash")),
         "save": submit(
             _args(d["save"], "save", overrides=[*FAULT, f"checkpoint.dir={small_fs / 'ck'}"])
@@ -176,7 +177,7 @@ def test_every_other_fault_ends_as_expected(slurm_cluster, reference, tmp_path, 
     }
     wrap = (
         f"srun {PYTHON} -u -m kempnerforge.launch.task -- {PYTHON} -u -m kempnerforge.train "
-        f"--config {DEBUG_CONFIG} output_dir={d['tl_sbatch'] / 'run'} " + " ".join(FAULT)
+        f"--config {DEBUG_CONFIG} output_dir={d['tl_sbatch'] / 'run'} " + " ".join(LONG)
     )
     res = run(
         ["sbatch", "--parsable", "--requeue", "--open-mode=append", "--time=1", "-N", "2",
@@ -190,13 +191,13 @@ def test_every_other_fault_ends_as_expected(slurm_cluster, reference, tmp_path, 
     def after(key: str, steps: int) -> None:
         wait_until(f"{key}: {steps} steps", lambda: n_metrics(m[key]) >= steps, 300, jobs[key])
 
+    for key in ("tl", "tl_sbatch"):  # frozen until the limit (the limit's SIGCONT wakes them)
+        after(key, 3)
+        signal_job(jobs[key], "STOP")
     after("cancel", 6)
     assert run(["scancel", jobs["cancel"]]).returncode == 0
     after("requeue", 6)
     assert run(["scontrol", "requeue", jobs["requeue"]]).returncode == 0
-    for key in ("tl", "tl_sbatch"):  # frozen until the limit, so they cannot finish first
-        after(key, 3)
-        signal_job(jobs[key], "STOP")
     after("kill", 6)
     for pid in _pids(jobs["kill"], 0):
         os.kill(pid, signal.SIGKILL)
