@@ -84,6 +84,9 @@ def setup(cfg: DistributedConfig) -> tuple[JobEnvironment, torch.device]:
             torch.backends.cudnn.benchmark = False
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.use_deterministic_algorithms(True, warn_only=True)
+            # The memory-efficient attention kernel's backward accumulates in a nondeterministic
+            # order (and with warn_only it only warns): SDPA then takes flash (bf16) or math.
+            torch.backends.cuda.enable_mem_efficient_sdp(False)
     if info.world_size > 1 and not dist.is_initialized():
         backend = cfg.backend
         if backend == "auto":
