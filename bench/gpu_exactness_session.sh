@@ -25,7 +25,7 @@ timeout 150 $PY -m pytest -q -p no:cacheprovider -m gpu \
 
 echo "=== 2. entrypoint on one GPU: SIGUSR1 at a random step, restarted by the local launcher"
 CFG=${CFG:-configs/small.yaml}
-OV="train.max_steps=60 train.log_interval=20 checkpoint.interval=10 checkpoint.async_mode=async_with_pinned_mem"
+OV="train.max_steps=60 train.log_interval=20 checkpoint.interval=10 checkpoint.async_mode=async_with_pinned_mem ${EXTRA:-}"
 timeout 200 $PY -m kempnerforge.launch --local --config $CFG output_dir=$WORK/ref $OV \
   > $OUT/ref.log 2>&1 || { echo "reference failed"; tail -n 30 $OUT/ref.log; }
 K=$(( (RANDOM % 40) + 8 ))
