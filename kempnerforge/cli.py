@@ -112,9 +112,9 @@ def verify_step(step_dir: Path, checksums: bool = True) -> list[str]:
     problems += [
         str(p) for p in storage.verify_step_dir(step_dir, "full" if checksums else "size", meta)
     ]
-    if not (meta.get("manifest") or {}).get("files"):
+    if not (meta.get("manifest") or {}).get("files") and not storage.is_original_layout(step_dir):
         problems.append(
-            f"{step_dir / 'metadata.json'}: no manifest; file checksums cannot be checked"
+            f"{step_dir / storage.METADATA_FILE}: no manifest; file checksums cannot be checked"
         )
     try:
         md = load_dcp_metadata(step_dir)

@@ -191,11 +191,10 @@ def run_preempted_local(args: argparse.Namespace, out: Path) -> None:
 
 def resume_step(out: Path) -> int | None:
     """The step the job stopped at and resumed from (the guard records each requeue)."""
-    try:
-        guard = json.loads((out / "checkpoints" / "requeue_guard.json").read_text())
-    except (OSError, ValueError):
-        return None
-    steps = [h["step"] for h in guard.get("history", []) if h.get("action") == "requeue"]
+    from kempnerforge.resilience.requeue import last_decision
+
+    guard = last_decision(out / "checkpoints")
+    steps = [h["step"] for h in guard.history if h.get("action") == "requeue"] if guard else []
     return steps[-1] if steps else None
 
 

@@ -26,6 +26,7 @@ import random
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -51,9 +52,15 @@ from kempnerforge.resilience.signals import PreemptionFlag
 
 logger = logging.getLogger("kempnerforge.train")
 
-# Set once a stop finished: `latest` is durable, the requeue is decided and every rank passed the
-# barrier. Nothing is left that teardown could save; see `_exit_now`.
-_stopped = False
+
+@dataclass(frozen=True)
+class RunEnd:
+    """How a run ended: its exit code, and whether it was a stop (``maybe_save`` returned True:
+    ``latest`` is durable and the requeue decided, so nothing is left that teardown could save;
+    see ``_exit_now``)."""
+
+    code: int
+    stopped: bool
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -103,7 +110,9 @@ def fmt_eta(seconds: float) -> str:
 # --------------------------------------------------------------------------- the run
 
 
-def train(cfg: JobConfig, info: JobEnvironment, device: torch.device, early: PreemptionFlag) -> int:
+def train(
+    cfg: JobConfig, info: JobEnvironment, device: torch.device, early: PreemptionFlag
+) -> RunEnd:
     """Run to ``train.max_steps`` (returns 0) or to an agreed stop (returns its exit code)."""
     with contextlib.ExitStack() as cleanup:
         return _train(cfg, info, device, early, cleanup)
@@ -115,7 +124,7 @@ def _train(
     device: torch.device,
     early: PreemptionFlag,
     cleanup: contextlib.ExitStack,
-) -> int:
+) -> RunEnd:
     rank, world = info.rank, info.world_size
     out_dir = Path(cfg.output_dir)
     gbs, seq_len = cfg.train.global_batch_size, cfg.model.seq_len
@@ -266,13 +275,11 @@ def _train(
             durable_metrics()
         if ckpt.maybe_save(step, **save_args, force=last):
             logger.warning("stopped at step %d; exit code %d", step, ckpt.exit_code)
-            global _stopped
-            _stopped = True
-            return ckpt.exit_code
+            return RunEnd(ckpt.exit_code, stopped=True)
 
     ckpt.wait()
     logger.info("done: %d steps", step)
-    return 0
+    return RunEnd(0, stopped=False)
 
 
 def _exit_now(code: int) -> None:
@@ -292,8 +299,6 @@ def _exit_now(code: int) -> None:
 def main(argv: list[str] | None = None, *, exit_when_stopped: bool = False) -> int:
     """Run one job. ``exit_when_stopped`` (the command line): after a stop, exit the process
     directly instead of returning (see ``_exit_now``)."""
-    global _stopped
-    _stopped = False
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
@@ -307,19 +312,19 @@ def main(argv: list[str] | None = None, *, exit_when_stopped: bool = False) -> i
     early = PreemptionFlag().install(cfg.resilience.signals)
     info, device = distributed.setup(cfg.distributed)
     setup_logging(info.rank, cfg.train.quiet)
-    code = 1
+    end = RunEnd(1, stopped=False)
     try:
-        code = train(cfg, info, device, early)
+        end = train(cfg, info, device, early)
     except ConfigError as e:
         logger.error("config error: %s", e)
-        code = 2
+        end = RunEnd(2, stopped=False)
     finally:
         early.uninstall()
-        if exit_when_stopped and _stopped:
-            _exit_now(code)
+        if exit_when_stopped and end.stopped:
+            _exit_now(end.code)
         with contextlib.suppress(Exception):
             distributed.shutdown()
-    return code
+    return end.code
 
 
 if __name__ == "__main__":

@@ -84,11 +84,16 @@ def tail(path: str | os.PathLike[str], n: int, max_bytes: int = 256 << 10) -> li
     return lines[-n:] if n else lines
 
 
+_BANNER_RANK = re.compile(r" restart \d+ rank \d+/\d+")
+
+
 def last_run(lines: Sequence[str], job_id: str | None = None) -> list[str]:
     """The lines after the last run banner (every run of a rank starts with one)."""
     prefix = BANNER_PREFIX + (f"{job_id} " if job_id else "")
     for i in range(len(lines) - 1, -1, -1):
-        if lines[i].startswith(prefix) and " rank " in lines[i]:
+        # the banner names the rank as r/W; the wrapper's closing line ("rank r: command
+        # ended ...") belongs to the run it closes
+        if lines[i].startswith(prefix) and _BANNER_RANK.search(lines[i]):
             return list(lines[i + 1 :])
     return list(lines)
 

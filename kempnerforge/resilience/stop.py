@@ -29,7 +29,7 @@ from kempnerforge.launch.environment import JobEnvironment
 from kempnerforge.resilience.agree import NO_STOP, STOP_SIGNAL, STOP_TERMINATE, StopAgreement
 from kempnerforge.resilience.config import ResilienceConfig
 from kempnerforge.resilience.reason import StopReason, classify_stop
-from kempnerforge.resilience.requeue import maybe_requeue
+from kempnerforge.resilience.requeue import last_decision, maybe_requeue
 from kempnerforge.resilience.signals import PreemptionFlag
 from kempnerforge.resilience.watchdog import HangWatchdog, SaveWatchdog
 
@@ -155,7 +155,8 @@ def _requeue_code(mgr: CheckpointManager, reason: Any) -> int:
 
 def on_hang(mgr: CheckpointManager, message: str) -> int:
     """The hang watchdog's decision (its own thread; no collectives): rank 0 requeues through
-    the guard, every rank leaves with 77 (76 on rank 0 when the guard refused)."""
+    the guard, every rank leaves with 77, or 76 once the guard refused (the other ranks read
+    rank 0's verdict from the guard file)."""
     if mgr.rank == 0:
         granted = mgr.resilience.requeue and maybe_requeue(
             mgr.resilience, str(mgr.dir), mgr.committed_step()
@@ -168,10 +169,16 @@ def on_hang(mgr: CheckpointManager, message: str) -> int:
             code,
         )
         return code
-    logger.critical("kempnerforge hang: rank=%d %s; stacks above; exit=%d", mgr.rank, message, 77)
-    if JobEnvironment.from_env().under_slurm:
+    logger.critical("kempnerforge hang: rank=%d %s; stacks above", mgr.rank, message)
+    job = JobEnvironment.from_env()
+    if job.under_slurm:
         time.sleep(_HANG_PEER_WAIT_S)
-    return exit_codes.HANG
+    # the guard's verdict, as rank 0 recorded it: a refusal ends every rank with 76 (srun
+    # reports the highest code of its tasks, and 77 would hide it)
+    guard = last_decision(mgr.dir)
+    refused = guard is not None and guard.job_id == job.job_id and bool(guard.refused)
+    code = exit_codes.REFUSED if refused else exit_codes.HANG
+    return code
 
 
 def stop_reason(mgr: CheckpointManager, kind: int) -> StopReason:

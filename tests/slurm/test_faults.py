@@ -27,6 +27,7 @@ import os
 import re
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -163,17 +164,14 @@ def test_every_other_fault_ends_as_expected(slurm_cluster, reference, tmp_path, 
     for p in d.values():
         p.mkdir()
     data = _token_file(tmp_path / "tokens.npy")
-    jobs = {
-        "cancel": submit(_args(d["cancel"], "cancel")),
+    jobs = {  # in the order they should start: 4 run at once on the 4 nodes
         "requeue": submit(_args(d["requeue"], "admin-requeue")),
-        "tl": submit(_args(d["tl"], "tl", "--time", "1", "--signal-lead", "0", overrides=LONG)),
         "kill": submit(_args(d["kill"], "kill", "--requeue-on-crash")),
-        "save": submit(
-            _args(d["save"], "save", overrides=[*FAULT, f"checkpoint.dir={small_fs / 'ck'}"])
-        ),
+        "cancel": submit(_args(d["cancel"], "cancel", overrides=LONG)),
         "data": submit(
             _args(d["data"], "data", "--requeue-on-crash", overrides=[*FAULT, f"data.path={data}"])
         ),
+        "tl": submit(_args(d["tl"], "tl", "--time", "1", "--signal-lead", "0", overrides=LONG)),
     }
     wrap = (
         f"srun {PYTHON} -u -m kempnerforge.launch.task -- {PYTHON} -u -m kempnerforge.train "
@@ -186,24 +184,39 @@ def test_every_other_fault_ends_as_expected(slurm_cluster, reference, tmp_path, 
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
     jobs["tl_sbatch"] = res.stdout.strip().split(";")[0]
+    jobs["save"] = submit(
+        _args(d["save"], "save", overrides=[*FAULT, f"checkpoint.dir={small_fs / 'ck'}"])
+    )
     m = {k: p / "run" / "metrics.jsonl" for k, p in d.items()}
 
-    def after(key: str, steps: int) -> None:
-        wait_until(f"{key}: {steps} steps", lambda: n_metrics(m[key]) >= steps, 300, jobs[key])
+    def kill_rank0() -> None:
+        for pid in _pids(jobs["kill"], 0):
+            os.kill(pid, signal.SIGKILL)
 
-    for key in ("tl", "tl_sbatch"):  # frozen until the limit (the limit's SIGCONT wakes them)
-        after(key, 3)
-        signal_job(jobs[key], "STOP")
-    after("cancel", 6)
-    assert run(["scancel", jobs["cancel"]]).returncode == 0
-    after("requeue", 6)
-    assert run(["scontrol", "requeue", jobs["requeue"]]).returncode == 0
-    after("kill", 6)
-    for pid in _pids(jobs["kill"], 0):
-        os.kill(pid, signal.SIGKILL)
-    after("data", 6)
-    signal_job(jobs["data"], "USR1")  # saves and requeues; the rerun finds no data file
-    data.unlink()
+    def preempt_and_remove_data() -> None:
+        signal_job(jobs["data"], "USR1")  # saves and requeues; the rerun finds no data file
+        data.unlink()
+
+    # (job, after how many logged steps, what to do), done as each job gets there
+    actions = [
+        ("requeue", 6, lambda: run(["scontrol", "requeue", jobs["requeue"]])),
+        ("kill", 6, kill_rank0),
+        ("cancel", 6, lambda: run(["scancel", jobs["cancel"]])),
+        ("data", 6, preempt_and_remove_data),
+        ("tl", 3, lambda: signal_job(jobs["tl"], "STOP")),  # frozen until the limit's SIGCONT
+        ("tl_sbatch", 3, lambda: signal_job(jobs["tl_sbatch"], "STOP")),
+    ]
+    deadline = time.monotonic() + 400
+    while actions:
+        assert time.monotonic() < deadline, f"never reached: {actions}"
+        for act in list(actions):
+            key, steps, do = act
+            if n_metrics(m[key]) >= steps:
+                do()
+                actions.remove(act)
+            elif job_info(jobs[key]).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"):
+                pytest.fail(f"{key} ended before its fault: {job_info(jobs[key])}")
+        time.sleep(0.1)
 
     final = {k: wait_final(j, 420) for k, j in jobs.items()}
     line = {k: (v["JobState"], v["Restarts"]) for k, v in final.items()}
@@ -234,3 +247,70 @@ def test_every_other_fault_ends_as_expected(slurm_cluster, reference, tmp_path, 
     assert "FileNotFoundError" in reason and "not restarted" in reason, reason
     assert "no progress" in reason, reason
     assert metrics(m["data"])  # the first run trained
+
+
+# --------------------------------------------------------------------------- a hung rank
+
+HANG_SCRIPT = """
+import sys, time, torch, torch.distributed as dist, torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from kempnerforge.checkpoint import CheckpointManager
+from kempnerforge.config import CheckpointConfig
+from kempnerforge.resilience.config import ResilienceConfig
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(0)
+model = nn.Linear(8, 8)
+opt = torch.optim.SGD(model.parameters(), lr=0.01)
+res = ResilienceConfig(hang_timeout_s=float(sys.argv[2]), max_requeues_without_progress=0)
+mgr = CheckpointManager(CheckpointConfig(dir=sys.argv[1], interval=4), model, opt, resilience=res)
+step, _, _ = mgr.resume()
+ddp = DDP(model)
+while step < 1000:
+    if rank == 1 and step + 1 == 6:
+        print("rank 1 blocks inside step 6", flush=True)
+        time.sleep(3600)
+    ddp(torch.randn(4, 8)).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    step += 1
+    time.sleep(0.05)
+    if mgr.maybe_save(step):
+        sys.exit(mgr.exit_code)
+"""
+HANG_S = 10.0
+
+
+def test_hung_rank_on_the_cluster(slurm_cluster, tmp_path):
+    """Rank 1 blocks inside step 6 in every run: each run ends within the threshold plus a
+    minute with every rank's stacks in the log; the first is requeued (77), the second hangs at
+    the same step without progress and the guard stops the job (76, FAILED)."""
+    script = tmp_path / "hang.py"
+    script.write_text(HANG_SCRIPT)
+    res = run(
+        [PYTHON, SUBMIT, "--slurm", "--nodes", "2", "--job-name", "kftest-hang",
+         "--folder", tmp_path / "slurm", "--", PYTHON, script, tmp_path / "ckpt", str(HANG_S)],
+        cwd=REPO,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    job = re.search(r"Submitted job (\d+)", res.stdout).group(1)
+    log1 = tmp_path / "slurm" / f"{job}_1_log.out"
+
+    def blocked(n: int) -> bool:
+        return log1.exists() and log1.read_text(errors="replace").count("blocks inside") >= n
+
+    wait_until("rank 1 to block", lambda: blocked(1), 180, job)
+    t = time.monotonic()
+    wait_until("the requeue", lambda: int(job_info(job).get("Restarts", 0)) >= 1, 200)
+    assert time.monotonic() - t < HANG_S + 60
+    wait_until("rank 1 to block again", lambda: blocked(2), 180, job)
+    t = time.monotonic()
+    final = wait_final(job, 200)
+    assert time.monotonic() - t < HANG_S + 60
+    assert (final["JobState"], final["Restarts"]) == ("FAILED", "1"), final
+    assert final["ExitCode"].startswith("76:"), final
+    log0 = _log(tmp_path, job)
+    assert log0.count("kempnerforge hang: rank=0 no step progress") == 2, log0[-3000:]
+    assert "requeue=granted exit=77" in log0 and "requeue=refused exit=76" in log0
+    assert log0.count("Thread 0x") >= 2 and log1.read_text().count("Thread 0x") >= 2
+    assert "reason" in _status(tmp_path, job)

@@ -97,3 +97,27 @@ def test_loader_micro_batches() -> None:
     assert loader.last_numbers == [4, 5, 6, 7]
     with pytest.raises(ValueError, match="micro_batch_size"):
         StepLoader(ds, GlobalSampler(len(ds), 8, 0, 2, seed=0), micro_batch_size=3)
+
+
+def test_loader_workers_read_ahead_and_resume_exactly() -> None:
+    """``data.num_workers``: worker processes read the next steps ahead; what each step holds,
+    and where a restored loader continues, do not change."""
+    cfg = DataConfig(synthetic_tokens=20_000)
+    ds = build_dataset(cfg, 16, 256)
+
+    def steps(workers: int, n: int, state: dict | None = None) -> tuple[list, dict]:
+        loader = StepLoader(ds, GlobalSampler(len(ds), 8, 1, 2, seed=3), 2, num_workers=workers)
+        if state is not None:
+            loader.load_state_dict(state)
+        out = [[x.clone() for x, _ in loader.next_step(torch.device("cpu"))] for _ in range(n)]
+        saved = loader.state_dict()
+        loader.close()
+        return out, saved
+
+    plain, _ = steps(0, 10)
+    ahead, _ = steps(2, 10)
+    assert all(torch.equal(a, b) for sa, sb in zip(plain, ahead) for a, b in zip(sa, sb))
+    first, state = steps(2, 4)  # 4 steps consumed, the workers had read further
+    assert state["position"] == 4 * 8
+    rest, _ = steps(2, 6, state)
+    assert all(torch.equal(a, b) for sa, sb in zip(plain, first + rest) for a, b in zip(sa, sb))
