@@ -18,11 +18,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-# What a rank saw, as the numbers that travel: larger wins.
-NO_STOP = 0
-STOP_SIGNAL = 1  # a preemption-style signal (SIGUSR1 and the like)
-STOP_TERMINATE = 2  # SIGTERM / SIGINT: the job is being ended
-
 
 class StopAgreement:
     """``poll(values)`` returns the element-wise MAX over ranks of the previous call's values

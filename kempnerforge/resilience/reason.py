@@ -35,10 +35,14 @@ import subprocess
 from dataclasses import dataclass
 
 from kempnerforge.launch.environment import JobEnvironment
-from kempnerforge.resilience.agree import STOP_TERMINATE
 from kempnerforge.resilience.config import ResilienceConfig
 
 logger = logging.getLogger(__name__)
+
+# What a rank saw, as the numbers the stop agreement carries: larger wins.
+NO_STOP = 0
+STOP_SIGNAL = 1  # a preemption-style signal (SIGUSR1 and the like)
+STOP_TERMINATE = 2  # SIGTERM / SIGINT: the job is being ended
 
 # Seconds before the limit within which a lead signal counts as the time-limit warning: SLURM
 # checks limits every ~30 s, so the warning comes up to ~40 s earlier than the lead asked for.

@@ -26,9 +26,15 @@ from typing import TYPE_CHECKING, Any
 
 from kempnerforge import exit_codes
 from kempnerforge.launch.environment import JobEnvironment
-from kempnerforge.resilience.agree import NO_STOP, STOP_SIGNAL, STOP_TERMINATE, StopAgreement
+from kempnerforge.resilience.agree import StopAgreement
 from kempnerforge.resilience.config import ResilienceConfig
-from kempnerforge.resilience.reason import StopReason, classify_stop
+from kempnerforge.resilience.reason import (
+    NO_STOP,
+    STOP_SIGNAL,
+    STOP_TERMINATE,
+    StopReason,
+    classify_stop,
+)
 from kempnerforge.resilience.requeue import last_decision, maybe_requeue
 from kempnerforge.resilience.signals import PreemptionFlag
 from kempnerforge.resilience.watchdog import HangWatchdog, SaveWatchdog
