@@ -53,6 +53,7 @@ pytestmark = pytest.mark.slurm
 
 FAULT = [*TINY[:-1], "checkpoint.interval=4"]  # committed steps to resume from
 LONG = [*FAULT, "train.max_steps=100000"]  # runs into its time limit
+_ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
 
 
 def _args(tmp_path: Path, name: str, *extra: str, overrides: list[str] | None = None) -> list[str]:
@@ -189,24 +190,37 @@ def test_every_other_fault_ends_as_expected(slurm_cluster, reference, tmp_path, 
     )
     m = {k: p / "run" / "metrics.jsonl" for k, p in d.items()}
 
+    def stop(key: str) -> None:  # SIGSTOP: the job waits there for its fault
+        signal_job(jobs[key], "STOP")
+
+    def admin_requeue() -> None:
+        stop("requeue")
+        assert run(["scontrol", "requeue", jobs["requeue"]]).returncode == 0  # CONT + TERM
+
     def kill_rank0() -> None:
-        for pid in _pids(jobs["kill"], 0):
+        stop("kill")
+        pids = _pids(jobs["kill"], 0)
+        assert pids, "rank 0's training process not found"
+        for pid in pids:
             os.kill(pid, signal.SIGKILL)
+        signal_job(jobs["kill"], "CONT")
 
     def preempt_and_remove_data() -> None:
-        signal_job(jobs["data"], "USR1")  # saves and requeues; the rerun finds no data file
+        stop("data")
         data.unlink()
+        signal_job(jobs["data"], "USR1")  # saves and requeues; the rerun finds no data file
 
     # (job, after how many logged steps, what to do), done as each job gets there
     actions = [
-        ("requeue", 6, lambda: run(["scontrol", "requeue", jobs["requeue"]])),
+        ("requeue", 6, admin_requeue),
         ("kill", 6, kill_rank0),
         ("cancel", 6, lambda: run(["scancel", jobs["cancel"]])),
         ("data", 6, preempt_and_remove_data),
-        ("tl", 3, lambda: signal_job(jobs["tl"], "STOP")),  # frozen until the limit's SIGCONT
-        ("tl_sbatch", 3, lambda: signal_job(jobs["tl_sbatch"], "STOP")),
+        ("tl", 3, lambda: stop("tl")),  # frozen until the limit's SIGCONT + SIGTERM
+        ("tl_sbatch", 3, lambda: stop("tl_sbatch")),
     ]
     deadline = time.monotonic() + 400
+    polls = 0
     while actions:
         assert time.monotonic() < deadline, f"never reached: {actions}"
         for act in list(actions):
@@ -214,9 +228,10 @@ def test_every_other_fault_ends_as_expected(slurm_cluster, reference, tmp_path, 
             if n_metrics(m[key]) >= steps:
                 do()
                 actions.remove(act)
-            elif job_info(jobs[key]).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"):
+            elif polls % 50 == 49 and job_info(jobs[key]).get("JobState") in _ENDED:
                 pytest.fail(f"{key} ended before its fault: {job_info(jobs[key])}")
-        time.sleep(0.1)
+        polls += 1
+        time.sleep(0.05)
 
     final = {k: wait_final(j, 420) for k, j in jobs.items()}
     line = {k: (v["JobState"], v["Restarts"]) for k, v in final.items()}
