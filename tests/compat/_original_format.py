@@ -1,7 +1,7 @@
 """Write checkpoints in the on-disk layout of the original KempnerForge (KempnerInstitute/KempnerForge).
 
 What the original's ``CheckpointManager.save`` wrote (read from its manager.py / state.py at
-commits 1f95035 and 66c9d31, and checked against ``/work/shared/fixtures/kf-original``, made at
+commits 1f95035 and 66c9d31, and checked against ``../shared/fixtures/kf-original`` (beside the checkout), made at
 5666d0d)::
 
     {dir}/latest -> step_N                 relative symlink (swapped via ``latest.tmp``)
@@ -36,7 +36,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-FIXTURE = Path("/work/shared/fixtures/kf-original")
+# the shared fixtures sit beside the checkout: <checkout>/../shared
+FIXTURE = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "kf-original"
 TRAIN_STATE_FILE = "train_state.pt"
 METADATA_FILE = "metadata.json"
 

@@ -1,6 +1,6 @@
 """The original's on-disk format: the helper against the fixture, and resuming such checkpoints.
 
-``/work/shared/fixtures/kf-original`` is a checkpoint the original package wrote (5666d0d, see its
+``../shared/fixtures/kf-original`` (beside the checkout) is a checkpoint the original package wrote (5666d0d, see its
 README). The first tests check that ``_original_format.write_original_checkpoint`` writes the
 same kind of files (names, DCP keys/shapes/dtypes, ``train_state.pt`` records, pickle globals,
 ``metadata.json`` bytes), so tests can make more such checkpoints than the one fixture. The

@@ -64,6 +64,11 @@ def _args(tmp_path: Path, name: str, *extra: str, overrides: list[str] | None = 
     ]  # fmt: skip
 
 
+def _held(args: list[str]) -> list[str]:
+    """Submitted on hold: jobs that start together once released, after every submission."""
+    return [*args[:1], "--sbatch", "hold", *args[1:]]
+
+
 def _status(tmp_path: Path, job: str) -> str:
     st = run([PYTHON, SUBMIT, "--status", job, "--folder", tmp_path / "slurm"])
     assert st.returncode == 0, st.stderr
@@ -165,36 +170,44 @@ def test_every_other_fault_ends_as_expected(slurm_cluster, reference, tmp_path, 
     for p in d.values():
         p.mkdir()
     data = _token_file(tmp_path / "tokens.npy")
-    jobs = {  # in the order they should start: 4 run at once on the 4 nodes
-        "requeue": submit(_args(d["requeue"], "admin-requeue")),
-        "kill": submit(_args(d["kill"], "kill", "--requeue-on-crash")),
-        "cancel": submit(_args(d["cancel"], "cancel", overrides=LONG)),
+    jobs = {  # submitted on hold (submitting takes seconds each), then released together
+        "requeue": submit(_held(_args(d["requeue"], "admin-requeue"))),
+        "kill": submit(_held(_args(d["kill"], "kill", "--requeue-on-crash"))),
         "data": submit(
-            _args(d["data"], "data", "--requeue-on-crash", overrides=[*FAULT, f"data.path={data}"])
+            _held(
+                _args(
+                    d["data"], "data", "--requeue-on-crash",
+                    overrides=[*FAULT, f"data.path={data}"],
+                )
+            )
         ),
-        "tl": submit(_args(d["tl"], "tl", "--time", "1", "--signal-lead", "0", overrides=LONG)),
-    }
+        "cancel": submit(_held(_args(d["cancel"], "cancel", overrides=LONG))),
+        "tl": submit(
+            _held(_args(d["tl"], "tl", "--time", "1", "--signal-lead", "0", overrides=LONG))
+        ),
+        "save": submit(
+            _held(_args(d["save"], "save", overrides=[*FAULT, f"checkpoint.dir={small_fs / 'ck'}"]))
+        ),
+    }  # fmt: skip
     wrap = (
         f"srun {PYTHON} -u -m kempnerforge.launch.task -- {PYTHON} -u -m kempnerforge.train "
         f"--config {DEBUG_CONFIG} output_dir={d['tl_sbatch'] / 'run'} " + " ".join(LONG)
     )
     res = run(
-        ["sbatch", "--parsable", "--requeue", "--open-mode=append", "--time=1", "-N", "2",
-         "--job-name=kftest-tl-sbatch", f"--output={d['tl_sbatch'] / 'job.out'}", "--wrap", wrap],
+        ["sbatch", "--parsable", "--hold", "--requeue", "--open-mode=append", "--time=1", "-N",
+         "2", "--job-name=kftest-tl-sbatch", f"--output={d['tl_sbatch'] / 'job.out'}", "--wrap",
+         wrap],
         cwd=REPO,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
     jobs["tl_sbatch"] = res.stdout.strip().split(";")[0]
-    jobs["save"] = submit(
-        _args(d["save"], "save", overrides=[*FAULT, f"checkpoint.dir={small_fs / 'ck'}"])
-    )
+    assert run(["scontrol", "release", ",".join(jobs.values())]).returncode == 0
     m = {k: p / "run" / "metrics.jsonl" for k, p in d.items()}
 
-    def stop(key: str) -> None:  # SIGSTOP: the job waits there for its fault
+    def stop(key: str) -> None:  # SIGSTOP: the job waits there for its fault (SLURM: STOPPED)
         signal_job(jobs[key], "STOP")
 
     def admin_requeue() -> None:
-        stop("requeue")
         assert run(["scontrol", "requeue", jobs["requeue"]]).returncode == 0  # CONT + TERM
 
     def kill_rank0() -> None:
@@ -206,9 +219,8 @@ def test_every_other_fault_ends_as_expected(slurm_cluster, reference, tmp_path, 
         signal_job(jobs["kill"], "CONT")
 
     def preempt_and_remove_data() -> None:
-        stop("data")
-        data.unlink()
-        signal_job(jobs["data"], "USR1")  # saves and requeues; the rerun finds no data file
+        data.unlink()  # the running processes keep their mapping; a new run finds no file
+        signal_job(jobs["data"], "USR1")  # saves and requeues
 
     # (job, after how many logged steps, what to do), done as each job gets there
     actions = [
