@@ -110,6 +110,12 @@ if mode == "crash_after_progress":  # runs 0 and 1 commit a step, run 2 does not
         raise RuntimeError(f"crash in run {restart}")
     time.sleep(0.2)
     sys.exit(0)
+if mode == "killed_after_progress":  # run 0 commits a step, then its rank 0 is SIGKILLed
+    if restart == 0 and rank == 0:
+        commit(10)
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(0.2 if restart else 30)
+    sys.exit(0)
 if mode == "crash_at_start":
     raise ImportError("no module named my_model")
 if mode == "hang_after_peer":
@@ -358,6 +364,19 @@ def test_requeue_on_crash_restarts_only_after_progress(work):
     pol = [r["decision"]["crash_policy"] for r in exit_records(work) if r["rank"] == 0]
     assert [p["restart"] for p in pol] == [True, True, False]
     assert [p["step_after"] for p in pol] == [10, 20, 20]
+
+
+def test_a_task_killed_by_a_signal_is_restarted_when_the_policy_allows(work):
+    ckpt = work / "out" / "ckpt"
+    res, _ = launch(
+        work, "killed_after_progress", "--requeue-on-crash", "--checkpoint-dir", str(ckpt)
+    )
+    assert res.returncode == 0, res.stdout
+    restarts = restart_lines(res.stdout)
+    assert len(restarts) == 1 and "the resume step advanced from none to 10" in restarts[0]
+    assert "killed by SIGKILL" in res.stdout, res.stdout
+    res, _ = launch(work, "killed_after_progress")  # without the policy: the crash ends it
+    assert res.returncode != 0 and not restart_lines(res.stdout), res.stdout
 
 
 def test_requeue_on_crash_is_bounded_by_max_requeues(work):
