@@ -4,7 +4,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.*
-LINT_PATHS := kempnerforge launch bench tests
+LINT_PATHS := kempnerforge launch bench tests examples
 
 .PHONY: install demo test test-slow test-fast lint bench bench-smoke clean
 
