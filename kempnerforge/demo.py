@@ -90,21 +90,17 @@ def wait_steps(path: Path, n: int, timeout: float, alive=lambda: True) -> None:
         time.sleep(0.1)
 
 
+def _local_cmd(args: argparse.Namespace, out: Path) -> list[str]:
+    """The demo job under the local launcher: 2 ranks on this machine."""
+    return [
+        *LAUNCH, "--local", "--nodes", "1", "--tasks-per-node", "2", "--config", args.config,
+        f"output_dir={out}", f"train.max_steps={args.steps}",
+    ]  # fmt: skip
+
+
 def run_reference(args: argparse.Namespace, out: Path) -> None:
     say(f"1/3 uninterrupted reference run: {args.steps} steps, 2 ranks -> {out}")
-    cmd = [
-        *LAUNCH,
-        "--local",
-        "--nodes",
-        "1",
-        "--tasks-per-node",
-        "2",
-        "--config",
-        args.config,
-        f"output_dir={out}",
-        f"train.max_steps={args.steps}",
-    ]
-    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
+    res = subprocess.run(_local_cmd(args, out), env=_env(), capture_output=True, text=True)
     if res.returncode != 0:
         sys.stderr.write(res.stdout[-4000:] + res.stderr[-4000:])
         raise SystemExit(f"[demo] the reference run failed ({res.returncode})")
@@ -162,21 +158,10 @@ def run_preempted_slurm(args: argparse.Namespace, out: Path) -> None:
 
 def run_preempted_local(args: argparse.Namespace, out: Path) -> None:
     say(f"2/3 running the same job with the local launcher (no SLURM) -> {out}")
-    cmd = [
-        *LAUNCH,
-        "--local",
-        "--nodes",
-        "1",
-        "--tasks-per-node",
-        "2",
-        "--config",
-        args.config,
-        f"output_dir={out}",
-        f"train.max_steps={args.steps}",
-    ]
     proc = subprocess.Popen(
-        cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+        _local_cmd(args, out), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
     metrics = out / "metrics.jsonl"
     wait_steps(metrics, args.preempt_after, 600, alive=lambda: proc.poll() is None)
     say(f"at step {len(read_metrics(metrics))}: kill -USR1 {proc.pid} (the launcher passes it on)")

@@ -12,8 +12,7 @@ launchers without importing torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from kempnerforge._lazy import lazy_exports
 
 _EXPORTS = {
     "AsyncCheckpointMode": "kempnerforge.checkpoint.config",
@@ -32,14 +31,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'kempnerforge.checkpoint' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
