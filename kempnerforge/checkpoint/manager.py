@@ -269,7 +269,8 @@ class CheckpointManager:
         if kind:
             from kempnerforge.resilience.stop import run_stop, stop_reason
 
-            self.exit_code = run_stop(self, int(step), stop_reason(self, kind), save_now)
+            here = stop.flag.signal_name
+            self.exit_code = run_stop(self, int(step), stop_reason(self, kind), save_now, here)
             return True
         if force or step % self.config.interval == 0 or time_due:
             if stop.hang is not None:

@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from kempnerforge import exit_codes
 from kempnerforge.launch.environment import JobEnvironment
@@ -97,13 +97,17 @@ def run_stop(
     step: int,
     reason: StopReason,
     save: Callable[[], None],
+    signal_name: str | None = None,
 ) -> int:
-    """Stop the run at ``step`` for ``reason`` on every rank; returns the exit code."""
+    """Stop the run at ``step`` for ``reason`` on every rank; returns the exit code.
+
+    ``save`` saves this step; ``signal_name`` is what this rank received (for the log line).
+    """
     cfg = mgr.resilience
     saved = "not-needed"
 
     def on_timeout() -> int:
-        return _requeue_code(mgr, reason) if mgr.rank == 0 else exit_codes.RESTART
+        return _requeue_code(mgr) if mgr.rank == 0 else cfg.exit_code
 
     t0 = time.perf_counter()
     with SaveWatchdog(cfg.save_watchdog_s, f"stop save of step {step}", on_timeout):
@@ -124,20 +128,17 @@ def run_stop(
     code, requeue = exit_codes.OK, "not-needed"
     if mgr.rank == 0:
         if reason.requeue:
-            code = _requeue_code(mgr, reason)
+            code = _requeue_code(mgr)
             requeue = (
-                "off"
-                if not cfg.requeue
-                else ("granted" if code == exit_codes.RESTART else "refused")
+                "off" if not cfg.requeue else ("granted" if code == cfg.exit_code else "refused")
             )
         elif reason.kind == "requeued":
-            code = exit_codes.RESTART
-        here = mgr._stop.flag.signal_name if mgr._stop is not None else None
+            code = cfg.exit_code  # the cluster runs it again
         logger.warning(
             "kempnerforge stop: reason=%s signal=%s step=%d saved=%s requeue=%s exit=%d: %s "
             "(%.2fs)",
             reason.kind,
-            here or "none-on-rank-0",
+            signal_name or "none-on-rank-0",
             step,
             saved,
             requeue,
@@ -150,7 +151,7 @@ def run_stop(
     return int(code)
 
 
-def _requeue_code(mgr: CheckpointManager, reason: Any) -> int:
+def _requeue_code(mgr: CheckpointManager) -> int:
     """Rank 0: ask the guard (and SLURM) for another run; 75 when granted, else 76."""
     cfg = mgr.resilience
     if not cfg.requeue:
