@@ -22,6 +22,7 @@ import yaml
 from kempnerforge.checkpoint.config import AsyncCheckpointMode, CheckpointConfig
 from kempnerforge.data.config import DataConfig
 from kempnerforge.distributed import DistributedConfig
+from kempnerforge.errors import ConfigError
 from kempnerforge.freeze import FreezeConfig
 from kempnerforge.model import ModelConfig
 from kempnerforge.optim import OptimConfig
@@ -42,10 +43,6 @@ __all__ = [
     "load_config",
     "parse_overrides",
 ]
-
-
-class ConfigError(ValueError):
-    """A config file or override is wrong; the message names the key and the source."""
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Process group setup from the job environment; FSDP2 or DDP wrapping.
 
 Where this process sits (rank, world, master address and port) comes from
-:class:`kempnerforge.launch.environment.JobEnvironment`, the one reader of launcher variables:
+:class:`kempnerforge.job.JobEnvironment`, the one reader of launcher variables:
 torchrun-style variables, else SLURM tasks, else a single process without a process group.
 
 Results must not depend on the launcher, so the intra-op thread count is set here from the
@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from kempnerforge.launch.environment import JobEnvironment
+from kempnerforge.job import JobEnvironment
 from kempnerforge.nccl import NCCL_SAFE_DEFAULTS
 
 logger = logging.getLogger(__name__)

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from kempnerforge.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class FreezeSpec:
@@ -97,8 +99,6 @@ def resolve_spec(model: Any, module: str) -> list[str]:
     every MLP). Nothing selected is a config error: a typo must not silently train everything.
     """
     import fnmatch
-
-    from kempnerforge.config import ConfigError
 
     pattern = ALIASES.get(module, module)
     names = [n for n, _ in model.named_parameters()]

@@ -44,7 +44,7 @@ from kempnerforge.freeze import (
     effective_freeze,
     validate_freeze,
 )
-from kempnerforge.launch.environment import JobEnvironment
+from kempnerforge.job import JobEnvironment
 from kempnerforge.model import GPT, num_parameters
 from kempnerforge.optim import WarmupCosineSchedule, build_optimizer
 from kempnerforge.resilience.agree import mean_over_ranks

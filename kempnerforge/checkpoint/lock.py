@@ -53,7 +53,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kempnerforge.checkpoint import storage
-from kempnerforge.launch.environment import JobEnvironment
+from kempnerforge.job import JobEnvironment
 
 logger = logging.getLogger(__name__)
 

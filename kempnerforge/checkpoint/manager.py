@@ -17,9 +17,7 @@ retention are :mod:`~kempnerforge.checkpoint.commit`; which checkpoint resumes i
 
 from __future__ import annotations
 
-import atexit
 import logging
-import threading
 import time
 import uuid
 import weakref
@@ -40,7 +38,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from kempnerforge.checkpoint import storage
+from kempnerforge.checkpoint import exit_flush, storage
 from kempnerforge.checkpoint.async_save import (
     AsyncCheckpointer,
     CheckpointError,
@@ -159,7 +157,7 @@ class CheckpointManager:
         self.exit_code = 0
         if self.rank == 0:
             storage.make_dir(self.dir, config.dir_mode)
-        _LIVE.add(self)
+        exit_flush.track(self)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -170,6 +168,11 @@ class CheckpointManager:
     @property
     def checkpointer(self) -> AsyncCheckpointer:
         return self._checkpointer
+
+    @property
+    def inflight_step(self) -> int | None:
+        """The step of the async save still being written, or None once it ended."""
+        return self._inflight_step
 
     def has_saved(self, step: int) -> bool:
         """A save of ``step`` was started by this manager (it may still be in flight)."""
@@ -853,49 +856,6 @@ def _canonical_name(name: str) -> str:
     return name
 
 
-_LIVE: weakref.WeakSet[CheckpointManager] = weakref.WeakSet()
-
-
-def _flush_all_at_exit() -> None:
-    for mgr in list(_LIVE):
-        _flush_at_exit(mgr)
-
-
-def _register_exit_flush() -> None:
-    """Run before the interpreter stops thread pools (the writer's threads must still start):
-    ``threading``'s exit hooks run before ``atexit``'s, newest first."""
-    hook = getattr(threading, "_register_atexit", None)
-    if hook is not None:
-        hook(_flush_all_at_exit)
-    else:  # pragma: no cover - an interpreter without it
-        atexit.register(_flush_all_at_exit)
-
-
-def _flush_at_exit(mgr: CheckpointManager) -> None:
-    """An async save still in flight when the interpreter exits: finish it, or say so."""
-    if not mgr.checkpointer.is_pending:
-        return
-    step = mgr._inflight_step
-    try:
-        if not mgr.checkpointer.join(timeout=mgr.config.save_timeout_s):
-            logger.warning(
-                "checkpoint of step %s was still being written at exit and did not finish "
-                "within checkpoint.save_timeout_s; it is lost (latest still points at the "
-                "previous checkpoint). Call mgr.wait() before exiting.",
-                step,
-            )
-            return
-        mgr.close()
-        logger.info("checkpoint of step %s was in flight at exit: finished and committed", step)
-    except BaseException as e:
-        logger.warning(
-            "checkpoint of step %s was in flight at exit and failed (%s); latest still points "
-            "at the previous checkpoint",
-            step,
-            e,
-        )
-
-
 def _mutates_in_forward(model: torch.nn.Module) -> bool:
     """True when a forward pass changes saved state in place (normalisation running stats)."""
     from torch.nn.modules.batchnorm import _NormBase
@@ -904,6 +864,3 @@ def _mutates_in_forward(model: torch.nn.Module) -> bool:
         isinstance(m, _NormBase) and m.track_running_stats and m.running_mean is not None
         for m in model.modules()
     )
-
-
-_register_exit_flush()

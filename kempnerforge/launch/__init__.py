@@ -1,7 +1,7 @@
 """Launching any training command: locally or on SLURM, restarted after a preemption.
 
-Laid out by backend, as submitit is: :mod:`~kempnerforge.launch.environment` (where a process
-sits in its job, for SLURM, torchrun and plain runs), :mod:`~kempnerforge.launch.signal_relay`
+Laid out by backend, as submitit is; where a process sits in its job (SLURM, torchrun, plain
+runs) is :mod:`kempnerforge.job`, below every backend. :mod:`~kempnerforge.launch.signal_relay`
 (signals held until a task handles them), :mod:`~kempnerforge.launch.task` (one task's
 environment; the sbatch templates' per-task wrapper), :mod:`~kempnerforge.launch.local` (local
 mode), :mod:`~kempnerforge.launch.slurm` (submitit submission, the task wrapper, ``--status``),

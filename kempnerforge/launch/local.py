@@ -41,8 +41,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from kempnerforge import exit_codes
+from kempnerforge.job import JobEnvironment, master_port_for
 from kempnerforge.launch import records
-from kempnerforge.launch.environment import JobEnvironment, master_port_for
 from kempnerforge.launch.progress import CrashDecision, crash_decision, resume_step
 from kempnerforge.launch.signal_relay import (
     CATCH,

@@ -5,7 +5,7 @@
 This is what the sbatch templates run on every task, and what the local and SLURM launchers
 build each task's environment with. The command gets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
 ``LOCAL_WORLD_SIZE``, ``GROUP_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` (from SLURM's variables,
-through :class:`~kempnerforge.launch.environment.JobEnvironment`), the run's identity in
+through :class:`~kempnerforge.job.JobEnvironment`), the run's identity in
 ``KEMPNERFORGE_JOB_ID`` and ``KEMPNERFORGE_RESTART_COUNT``, and the NCCL safe defaults; so a
 user's own training script sees what it would see under torchrun.
 
@@ -29,7 +29,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import IO, Any
 
-from kempnerforge.launch.environment import JOB_ID_ENV, RESTART_COUNT_ENV, JobEnvironment
+from kempnerforge.job import JOB_ID_ENV, RESTART_COUNT_ENV, JobEnvironment
 from kempnerforge.launch.records import shell_code
 from kempnerforge.launch.signal_relay import (
     SignalRelay,

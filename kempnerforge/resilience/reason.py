@@ -34,7 +34,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-from kempnerforge.launch.environment import JobEnvironment
+from kempnerforge.job import JobEnvironment
 from kempnerforge.resilience.config import ResilienceConfig
 
 logger = logging.getLogger(__name__)

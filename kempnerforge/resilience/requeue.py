@@ -36,7 +36,7 @@ from typing import Any
 
 from kempnerforge import exit_codes
 from kempnerforge.checkpoint import storage
-from kempnerforge.launch.environment import JobEnvironment
+from kempnerforge.job import JobEnvironment
 from kempnerforge.resilience.config import ResilienceConfig
 
 logger = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from kempnerforge import exit_codes
-from kempnerforge.launch.environment import JobEnvironment
+from kempnerforge.job import JobEnvironment
 from kempnerforge.resilience.agree import StopAgreement
 from kempnerforge.resilience.config import ResilienceConfig
 from kempnerforge.resilience.reason import (

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from _slurm_tools import PYTHON, REPO, SUBMIT, run, submit, wait_final
 
-from kempnerforge.launch.environment import master_port_for
+from kempnerforge.job import master_port_for
 
 pytestmark = pytest.mark.slurm
 

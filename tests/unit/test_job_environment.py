@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from kempnerforge.launch.environment import (
+from kempnerforge.job import (
     JobEnvironment,
     expand_nodelist,
     master_port_for,
@@ -122,7 +122,7 @@ def test_plain_process_identity_is_stable_and_not_exported() -> None:
     assert a.job_id == b.job_id and a.job_id.startswith("run:")
     assert "KEMPNERFORGE_JOB_ID" not in os.environ
     # another process is another run
-    code = "from kempnerforge.launch.environment import JobEnvironment as J; print(J.from_env({}).job_id)"
+    code = "from kempnerforge.job import JobEnvironment as J; print(J.from_env({}).job_id)"
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert other.stdout.strip() != a.job_id
 

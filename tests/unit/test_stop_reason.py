@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from kempnerforge.launch.environment import JobEnvironment
+from kempnerforge.job import JobEnvironment
 from kempnerforge.resilience.config import ResilienceConfig
 from kempnerforge.resilience.reason import (
     STOP_SIGNAL,
