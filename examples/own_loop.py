@@ -2,7 +2,10 @@
 
 A small CNN with BatchNorm and Dropout learns a synthetic image task with SGD (Nesterov momentum)
 and OneCycleLR, reading its data through torchdata's ``StatefulDataLoader`` (shuffled, worker
-processes). It runs as one process or as several DDP ranks (gloo on CPU, NCCL on GPUs):
+processes), with gradient accumulation, clipping, autocast with a ``GradScaler``, an EMA copy of
+the weights and counters of its own. Everything that must survive a restart beside the model and
+the optimizer is handed to the manager once, as ``states``. It runs as one process or as several
+DDP ranks (gloo on CPU, NCCL on GPUs):
 
     python examples/own_loop.py --out runs/own                       # one process
     torchrun --nproc_per_node=2 examples/own_loop.py --out runs/own  # two DDP ranks
@@ -15,7 +18,7 @@ rank, saves it, makes it durable, exits 75, and the launcher (or SLURM, through 
 
 Everything KempnerForge-specific is marked ``# <- KempnerForge``. The run writes, on rank 0,
 ``losses.jsonl`` (one line per step, appended across restarts) and, at the end, ``final.pt``
-(weights, buffers and optimizer state) under ``--out``.
+(weights, buffers, optimizer state, EMA, scaler and counters) under ``--out``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -31,11 +35,13 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
 from kempnerforge.checkpoint import CheckpointManager  # <- KempnerForge
 from kempnerforge.config import CheckpointConfig  # <- KempnerForge
+from kempnerforge.log import progress  # <- KempnerForge (optional: one line like the library's)
 
 
 class Net(nn.Module):
@@ -70,6 +76,20 @@ class Digits(torch.utils.data.Dataset):
         return self.x[i], self.y[i]
 
 
+class Counters:
+    """The script's own numbers; any object with state_dict / load_state_dict can be handed over."""
+
+    def __init__(self) -> None:
+        self.samples = 0
+        self.best_loss = float("inf")
+
+    def state_dict(self) -> dict[str, float | int]:
+        return {"samples": self.samples, "best_loss": self.best_loss}
+
+    def load_state_dict(self, state: dict[str, float | int]) -> None:
+        self.samples, self.best_loss = int(state["samples"]), float(state["best_loss"])
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="run directory (checkpoints, losses, final state)")
@@ -77,6 +97,8 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--interval", type=int, default=10, help="steps between checkpoints")
+    p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--async-save", action="store_true", help="write checkpoints in the background")
     args = p.parse_args()
 
     torch.set_num_threads(1)  # results must not depend on the launcher's thread count
@@ -95,46 +117,83 @@ def main() -> int:
     torch.manual_seed(0)  # the same initial weights on every rank
     model = Net()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
-    total = args.epochs * len(loader)
+    if len(loader) % args.accum:
+        p.error(f"--accum {args.accum} must divide the {len(loader)} batches of an epoch")
+    per_epoch = len(loader) // args.accum  # optimizer steps per epoch
+    total = args.epochs * per_epoch
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=total)
+    scaler = torch.amp.GradScaler("cpu" if not torch.cuda.is_available() else "cuda")
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.95))
+    counters = Counters()
     torch.manual_seed(1234 + rank)  # each rank its own Dropout stream
 
     mgr = CheckpointManager(  # <- KempnerForge
-        CheckpointConfig(dir=str(out / "checkpoints"), interval=args.interval), model, opt
+        CheckpointConfig(
+            dir=str(out / "checkpoints"),
+            interval=args.interval,
+            async_mode="async" if args.async_save else "disabled",
+        ),
+        model,
+        opt,
+        states={
+            "sched": sched,
+            "loader": loader,
+            "scaler": scaler,
+            "ema": ema,
+            "counters": counters,
+        },
     )
-    step, _, _ = mgr.resume(scheduler=sched, dataloader=loader)  # <- KempnerForge
+    step, _, _ = mgr.resume()  # <- KempnerForge: every state above is restored before it returns
     ddp = DDP(model) if world > 1 else model
+    device = "cuda" if torch.cuda.is_available() else "cpu"
 
     losses = open(out / "losses.jsonl", "a") if rank == 0 else None  # noqa: SIM115
+    last = time.perf_counter()
     while step < total:
-        sampler.set_epoch(step // len(loader))
+        sampler.set_epoch(step // per_epoch)  # after resume(): the loader continues mid-epoch
+        micro = 0
         for x, y in loader:
             ddp.train()
-            loss = F.cross_entropy(ddp(x), y)
+            with torch.autocast(device, dtype=torch.bfloat16):
+                loss = F.cross_entropy(ddp(x), y) / args.accum
+            scaler.scale(loss).backward()
+            micro += 1
+            if micro % args.accum:
+                continue  # a stop can only come at an optimizer step: maybe_save is called there
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            scaler.step(opt)
+            scaler.update()
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
             sched.step()
+            ema.update_parameters(model)
             step += 1
+            counters.samples += x.shape[0] * args.accum * world
+            mean = loss.detach().float() * args.accum
             if world > 1:
-                dist.all_reduce(mean := loss.detach().clone())
+                dist.all_reduce(mean)
                 mean /= world
-            else:
-                mean = loss.detach()
+            counters.best_loss = min(counters.best_loss, mean.item())
+            now = time.perf_counter()
             if losses is not None:
-                losses.write(json.dumps({"step": step, "loss": mean.item()}) + "\n")
+                row = {"step": step, "loss": mean.item(), "dt": now - last, "pid": os.getpid()}
+                losses.write(json.dumps(row) + "\n")
                 losses.flush()
-            if mgr.maybe_save(step, scheduler=sched, dataloader=loader):  # <- KempnerForge
+            last = now
+            if step % 10 == 0:
+                progress("own_loop step %d/%d loss %.4f", step, total, mean.item())
+            if mgr.maybe_save(step):  # <- KempnerForge
                 sys.exit(mgr.exit_code)  # saved, durable, requeued: 75 means "run me again"
             if step == total:
                 break
     mgr.wait()  # <- KempnerForge
     mgr.close()  # <- KempnerForge
     if rank == 0:
-        torch.save(
-            {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step},
-            out / "final.pt",
+        final = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}
+        final.update(
+            ema=ema.state_dict(), scaler=scaler.state_dict(), counters=counters.state_dict()
         )
+        torch.save(final, out / "final.pt")
     if world > 1:
         dist.destroy_process_group()
     return 0

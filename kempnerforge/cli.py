@@ -77,14 +77,6 @@ def _resolve_step_dir(path: Path) -> Path:
     return Path(res.path)
 
 
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
 def _human_age(seconds: float) -> str:
     seconds = max(0.0, seconds)
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
@@ -171,7 +163,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
             (
                 str(e.step),
                 status,
-                _human_bytes(_dir_size(e.path)),
+                storage.human_bytes(_dir_size(e.path)),
                 _human_age(age),
                 str(tokens),
                 is_latest,
@@ -222,6 +214,50 @@ def _saved_world_size(md: Any, meta: dict) -> int | None:
     return len(ranks) or None
 
 
+def _short(value: Any, width: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _print_states(step_dir: Path, meta: dict, md: Any) -> None:
+    """The handed-over states (``CheckpointManager(states=...)``): tensors in DCP, plain values
+    in rank 0's train state."""
+    names = meta.get("states") or []
+    if not names:
+        return
+    from kempnerforge.checkpoint.state import read_train_state
+    from kempnerforge.checkpoint.stateful import PREFIX, tensor_keys
+
+    saved = read_train_state(step_dir, 0).get("states") or {}
+    print(f"states: {len(names)} (tensors: export --key {PREFIX}.<name>)")
+    for name in names:
+        entry = saved.get(name) or {}
+        if entry.get("kind") == "loader":
+            keys = sorted(entry.get("state") or {})
+            print(f"  {name}: data loader position ({len(keys)} keys: {_short(keys)})")
+            continue
+        skeleton = entry.get("skeleton")
+        n_tensors = len(tensor_keys(skeleton))
+        rows = _describe_keys(md, f"{PREFIX}.{name}.")
+        elements = sum(_elements(shape) for _k, shape, _d in rows if shape not in ("-", "scalar"))
+        plain = (
+            {k: v for k, v in skeleton.items() if not tensor_keys(v)}
+            if isinstance(skeleton, dict)
+            else {}
+        )
+        line = f"  {name}: {n_tensors} tensors ({elements:,} elements)"
+        if plain:
+            line += f", values {_short(plain)}"
+        print(line)
+
+
+def _elements(shape: str) -> int:
+    n = 1
+    for d in shape.split("x"):
+        n *= int(d)
+    return n
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     step_dir = _resolve_step_dir(Path(args.path))
     meta = storage.load_metadata(step_dir)
@@ -232,16 +268,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"  {k}: {v}")
     print(f"  world size at save: {_saved_world_size(md, meta)}")
     manifest = (meta.get("manifest") or {}).get("files") or {}
-    print(f"  files in manifest: {len(manifest)}  ({_human_bytes(_dir_size(step_dir))} on disk)")
+    print(f"  files in manifest: {len(manifest)}  ({storage.human_bytes(_dir_size(step_dir))} on disk)")
+    _print_states(step_dir, meta, md)
     prefix = None if args.all else "model."
     rows = _describe_keys(md, prefix)
-    n_params = 0
-    for _key, shape, _dtype in rows:
-        if shape not in ("-", "scalar"):
-            n = 1
-            for d in shape.split("x"):
-                n *= int(d)
-            n_params += n
+    n_params = sum(_elements(shape) for _k, shape, _d in rows if shape not in ("-", "scalar"))
     title = "all keys" if args.all else "model keys (--all for optimizer and the rest)"
     print(f"{title}: {len(rows)} tensors/values, {n_params:,} elements")
     w = max([len(r[0]) for r in rows] + [3])
@@ -309,7 +340,10 @@ def load_full_model_state(step_dir: Path, key: str = "model") -> dict[str, torch
         elif isinstance(node, torch.Tensor):
             out[prefix] = node
 
-    walk("", sd.get(key, {}))
+    node: Any = sd
+    for part in key.split("."):  # the loaded dict is nested: states.ema -> sd["states"]["ema"]
+        node = node.get(part, {}) if isinstance(node, dict) else {}
+    walk("", node)
     return out
 
 
@@ -406,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = cs.add_parser("export", help="write full (unsharded) model weights to one file")
     s.add_argument("path", help="a step_N directory, or a checkpoint dir (its latest)")
     s.add_argument("--to", required=True, help="out.safetensors or out.pt")
-    s.add_argument("--key", default="model", help="top-level state key to export (default: model)")
+    s.add_argument("--key", default="model", help="what to export: model (default) or states.NAME")
     s.add_argument("--force", action="store_true", help="overwrite --to if it exists")
     s.add_argument("--no-verify", action="store_true", help="skip checksum verification first")
     s.set_defaults(func=cmd_export)

@@ -33,7 +33,7 @@ from typing import IO
 import numpy as np
 import torch
 
-from kempnerforge import distributed
+from kempnerforge import distributed, log
 from kempnerforge.checkpoint import CheckpointManager
 from kempnerforge.config import ConfigError, JobConfig, load_config
 from kempnerforge.data import GlobalSampler, StepLoader, build_dataset
@@ -82,6 +82,7 @@ def setup_logging(rank: int, quiet: bool) -> None:
     level = logging.INFO if rank == 0 and not quiet else logging.WARNING
     fmt = "%(asctime)s %(message)s" if rank == 0 else f"%(asctime)s [rank {rank}] %(message)s"
     logging.basicConfig(level=level, format=fmt, datefmt="%H:%M:%S", stream=sys.stderr, force=True)
+    log.quiet(quiet)  # the progress channel has a level of its own: --quiet must reach it too
 
 
 def seed_everything(seed: int, rank: int) -> None:
@@ -163,10 +164,6 @@ def _train(
         ckpt.request_stop(early.signal_name or "signal")
     # Freeze "in force at step s" is what step s trained with: effective_freeze(s - 1).
     in_force: list[FreezeSpec] = effective_freeze(cfg.freeze, max(step - 1, 0))
-    if step:
-        logger.info(
-            "resumed from step %d (%d tokens seen) in %s", step, tokens_seen, cfg.checkpoint.dir
-        )
     model = distributed.wrap_model(raw, "ddp", device) if mode == "ddp" else raw
     if sampler.position != step * gbs:
         logger.warning(
@@ -253,7 +250,7 @@ def _train(
             now = time.perf_counter()
             tps = (step - step_log) * gbs * seq_len / max(now - t_log, 1e-9)
             eta = (now - t_start) / max(step - first_step, 1) * (max_steps - step)
-            logger.info(
+            log.progress(
                 "step %d/%d | loss %.4f | lr %.3e | %.0f tok/s | ETA %s",
                 step,
                 max_steps,

@@ -29,6 +29,7 @@ from kempnerforge.checkpoint.control import ControlGroup
 from kempnerforge.checkpoint.guards import diagnose_write_failure
 from kempnerforge.checkpoint.lock import JobLock
 from kempnerforge.checkpoint.resolve import check_step
+from kempnerforge.log import progress
 
 logger = logging.getLogger(__name__)
 
@@ -193,6 +194,14 @@ class CommitJob:
                 stats.mode,
                 stats.new_host_bytes,
                 stats.path,
+            )
+            progress(
+                "saved step %d (%s, %s; training blocked %.3fs, durable after %.2fs)",
+                plan.step,
+                stats.path,
+                storage.human_bytes(total or stats.bytes),
+                stats.blocked_s,
+                stats.durable_s,
             )
 
     def failed(self, exc: BaseException) -> None:

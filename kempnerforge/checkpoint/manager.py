@@ -4,15 +4,17 @@ Layout (owned by :mod:`~kempnerforge.checkpoint.storage`, see docs/checkpointing
 
     {dir}/latest -> step_N            relative symlink, swapped atomically after a commit
     {dir}/step_N/.metadata            DCP metadata (pipeline parallel: step_N/pp_K/.metadata)
-    {dir}/step_N/__R_I.distcp         DCP shards
+    {dir}/step_N/__R_I.distcp         DCP shards: model, optimizer, the handed-over states' tensors
     {dir}/step_N/train_state/rank_00000.pt   per-rank train state (weights_only-loadable)
     {dir}/step_N/metadata.json        written last: step, tokens_seen, world_size, manifest, ...
     {dir}/.tmp_step_N-XXXXXXXX/       a save in progress (never loaded)
     {dir}/.trash/                     pruned or replaced steps awaiting background deletion
 
-How bytes leave the device is :mod:`~kempnerforge.checkpoint.async_save`; the commit protocol and
-retention are :mod:`~kempnerforge.checkpoint.commit`; which checkpoint resumes is
-:mod:`~kempnerforge.checkpoint.resolve`; the stop path is :mod:`kempnerforge.resilience.stop`.
+The manager decides; the other modules do: :mod:`~kempnerforge.checkpoint.assemble` builds what
+a save writes, :mod:`~kempnerforge.checkpoint.async_save` moves the bytes off the device,
+:mod:`~kempnerforge.checkpoint.commit` makes them durable and prunes,
+:mod:`~kempnerforge.checkpoint.loading` chooses, agrees on and loads a checkpoint, and
+:mod:`kempnerforge.resilience` answers whether to stop, why, and whether the job runs again.
 """
 
 from __future__ import annotations
@@ -21,24 +23,20 @@ import logging
 import time
 import uuid
 import weakref
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.metadata import BytesStorageMetadata
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    get_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 
+from kempnerforge import exit_codes
 from kempnerforge.checkpoint import exit_flush, storage
+from kempnerforge.checkpoint.assemble import (
+    assemble,
+    dcp_state_dict,
+    mutates_in_forward,
+    temp_dirs,
+)
 from kempnerforge.checkpoint.async_save import (
     AsyncCheckpointer,
     CheckpointError,
@@ -48,39 +46,19 @@ from kempnerforge.checkpoint.async_save import (
 from kempnerforge.checkpoint.commit import CommitJob, CommitPlan, Retention
 from kempnerforge.checkpoint.config import CheckpointConfig
 from kempnerforge.checkpoint.control import ControlGroup
-from kempnerforge.checkpoint.guards import (
-    check_compatible,
-    check_dir_safety,
-    explain_dcp_failure,
-)
-from kempnerforge.checkpoint.loaders import (
-    guard_first_iter,
-    loader_generator_state,
-    restore_loader,
-)
+from kempnerforge.checkpoint.guards import check_dir_safety
+from kempnerforge.checkpoint.loaders import guard_first_iter, restore_loader
+from kempnerforge.checkpoint.loading import CheckpointLoader, Loaded
 from kempnerforge.checkpoint.lock import JobLock, acquire_job_lock
-from kempnerforge.checkpoint.reader import CheckpointReader
-from kempnerforge.checkpoint.resolve import Resolution, find_resumable, resolve_explicit
-from kempnerforge.checkpoint.safe_unpickle import SafeLoadPlanner, load_dcp_metadata
-from kempnerforge.checkpoint.state import (
-    build_train_state,
-    read_train_state,
-    reseed_rng,
-    restore_train_state,
-    serialize_train_state,
-)
-from kempnerforge.freeze import (
-    FreezeConfig,
-    all_trainable,
-    apply_freeze,
-    canonical_freeze_meta,
-    effective_freeze,
-)
+from kempnerforge.checkpoint.resolve import Resolution, find_resumable
+from kempnerforge.checkpoint.stateful import capture, check_states
+from kempnerforge.freeze import FreezeConfig, apply_freeze, canonical_freeze_meta, effective_freeze
+from kempnerforge.resilience import stop as stopping
 from kempnerforge.resilience.config import ResilienceConfig
+from kempnerforge.resilience.reason import StopReason
+from kempnerforge.resilience.watchdog import SaveWatchdog
 
 logger = logging.getLogger(__name__)
-
-LOADABLE_KEYS = ("model", "optimizer")
 
 
 class CheckpointManager:
@@ -93,7 +71,10 @@ class CheckpointManager:
     A training loop of any shape needs three calls: :meth:`resume` once, :meth:`maybe_save`
     after every optimizer step (it saves on schedule and turns a preemption signal into an
     agreed, durable stop), and ``sys.exit(mgr.exit_code)`` when it returns True.
-    ``resilience`` configures the signals, the requeue guard and hang detection.
+    ``states`` hands over, once, any other object with ``state_dict`` / ``load_state_dict``
+    (a GradScaler, an EMA model, a data loader, a scheduler, your own counters): every save
+    saves them and :meth:`resume` restores them. ``resilience`` configures the signals, the
+    requeue guard and hang detection.
     """
 
     def __init__(
@@ -105,6 +86,7 @@ class CheckpointManager:
         pp_rank: int | None = None,
         *,
         resilience: ResilienceConfig | None = None,
+        states: Mapping[str, Any] | None = None,
     ) -> None:
         if not config.dir:
             raise ValueError(
@@ -116,11 +98,11 @@ class CheckpointManager:
         self.process_group = process_group
         self.pp_rank = pp_rank
         self.resilience = resilience or ResilienceConfig()
+        self.states = check_states(states)
         self.dir = Path(config.dir).absolute()
         self.trash = self.dir / storage.TRASH_DIR
         self.control = ControlGroup()
         self.rank, self.world_size = self.control.rank, self.control.world_size
-        self._dist = self.control.distributed
         self._checkpointer = AsyncCheckpointer(
             config.async_mode,
             writer_threads=config.resolved_writer_threads(),
@@ -136,23 +118,32 @@ class CheckpointManager:
             assert optimizer is not None
             self._hooks.append(optimizer.register_step_pre_hook(self._before_optimizer_step))
             self._hooks.append(optimizer.register_step_post_hook(self._after_optimizer_step))
-            if _mutates_in_forward(model):  # e.g. BatchNorm running stats live in the state
+            if mutates_in_forward(model):  # e.g. BatchNorm running stats live in the state
                 self._hooks.append(model.register_forward_pre_hook(self._before_forward))
-        if self._checkpointer.is_async and self._dist:
+        if self._checkpointer.is_async and self.control.distributed:
             if process_group is None:
                 self._checkpointer._groups[None] = self.control.group  # DCP shares it
             else:
                 self._checkpointer.dcp_group(process_group)  # collective: create it now, once
+        self._loader = CheckpointLoader(
+            config=config,
+            root=self.dir,
+            model=model,
+            optimizer=optimizer,
+            states=self.states,
+            control=self.control,
+            checkpointer=self._checkpointer,
+            process_group=process_group,
+            pp_rank=pp_rank,
+        )
         self._retention = Retention(self.dir, config.keep_last_n, config.save_timeout_s)
         self._janitor: _Worker | None = None
-        self._pending_dataloader_state: Any = None  # stashed by load() without a loader
-        self._pending_loader_generator: torch.Tensor | None = None
-        self._peeked: tuple[Any, Resolution] | None = None
+        self._pending_loaders = Loaded()  # positions load() kept for loaders not yet built
         self._inflight_step: int | None = None
         self._last_save_step: int | None = None
         self._last_save_time = time.monotonic()
         self._lock: JobLock | None = None  # rank 0's, taken by resume() or the first save
-        self._stop: Any = None  # the StopController, made by resume() / maybe_save()
+        self._stop: stopping.StopController | None = None  # made by resume() / maybe_save()
         self._warned_loaders: set[type] = set()
         self.exit_code = 0
         if self.rank == 0:
@@ -171,8 +162,17 @@ class CheckpointManager:
 
     @property
     def inflight_step(self) -> int | None:
-        """The step of the async save still being written, or None once it ended."""
+        """The step of the save still being written, or None once it ended."""
         return self._inflight_step
+
+    @property
+    def _pending_dataloader_state(self) -> Any:
+        """The original KempnerForge's name for the loader position ``load()`` stashed."""
+        return self._pending_loaders.loader_state
+
+    @_pending_dataloader_state.setter
+    def _pending_dataloader_state(self, state: Any) -> None:
+        self._pending_loaders.loader_state = state
 
     def has_saved(self, step: int) -> bool:
         """A save of ``step`` was started by this manager (it may still be in flight)."""
@@ -207,7 +207,8 @@ class CheckpointManager:
         if not self._checkpointer.is_async or self._prepared:
             return False
         self._prepared = True
-        return self._checkpointer.prepare(self._state_dict())
+        state_dict = dcp_state_dict(self.model, self.optimizer, capture(self.states))
+        return self._checkpointer.prepare(state_dict)
 
     # ------------------------------------------------------------------ the training-loop calls
     def resume(
@@ -220,9 +221,10 @@ class CheckpointManager:
 
         One call for the whole resume order: :meth:`peek_saved_step`, the freeze list in force
         at that step when a freeze schedule is given (applied to the model, and checked against
-        the checkpoint), :meth:`load`, then :meth:`apply_dataloader_state`. It also takes this
-        directory's job lock (a second job on the same directory is refused here, before it
-        writes anything) and installs the stop-signal handlers :meth:`maybe_save` acts on.
+        the checkpoint), :meth:`load` (the handed-over ``states`` included), then
+        :meth:`apply_dataloader_state`. It also takes this directory's job lock (a second job on
+        the same directory is refused here, before it writes anything) and installs the
+        stop-signal handlers :meth:`maybe_save` acts on.
         """
         self._ensure_stop_controller()
         self._ensure_lock()
@@ -270,10 +272,10 @@ class CheckpointManager:
             self.save(step, tokens_seen, scheduler, dataloader, extra)
 
         if kind:
-            from kempnerforge.resilience.stop import run_stop, stop_reason
-
-            here = stop.flag.signal_name
-            self.exit_code = run_stop(self, int(step), stop_reason(self, kind), save_now, here)
+            reason = self.control.bcast(
+                stopping.classify(kind, self.resilience) if self.rank == 0 else None
+            )
+            self._stop_run(int(step), reason, save_now, stop.flag.signal_name)
             return True
         if force or step % self.config.interval == 0 or time_due:
             if stop.hang is not None:
@@ -292,6 +294,53 @@ class CheckpointManager:
         had received ``signal_name``: the next :meth:`maybe_save` calls agree on it and stop."""
         self._ensure_stop_controller().flag.request(signal_name)
 
+    # ------------------------------------------------------------------ the stop tail
+    def _stop_run(
+        self,
+        step: int,
+        reason: StopReason,
+        save: Callable[[], None],
+        signal_name: str | None = None,
+    ) -> None:
+        """Every rank: save ``step`` (unless saved), make ``latest`` durable, then rank 0 asks
+        for another run when ``reason`` calls for it; sets :attr:`exit_code` (the broadcast is the
+        barrier: the requeue happened before any task exits)."""
+        cfg = self.resilience
+        saved = "not-needed"
+
+        def on_timeout() -> int:
+            if self.rank != 0:
+                return cfg.exit_code
+            return stopping.requeue_code(cfg, self.dir, self.committed_step())
+
+        t0 = time.perf_counter()
+        with SaveWatchdog(cfg.save_watchdog_s, f"stop save of step {step}", on_timeout):
+            try:
+                self.wait()  # an earlier save's failure must not keep this one from being tried
+            except Exception as e:
+                logger.error("an earlier checkpoint save failed: %s", e)
+            try:
+                if reason.save:
+                    if not self.has_saved(step):
+                        save()
+                    saved = "yes"
+                self.wait()
+            except Exception as e:  # a failed stop save: `latest` is the previous checkpoint
+                saved = "failed"
+                logger.error("stop save of step %d failed: %s", step, e)
+        code, requeue = exit_codes.OK, "not-needed"
+        if self.rank == 0:
+            if reason.requeue:
+                code = stopping.requeue_code(cfg, self.dir, self.committed_step())
+                requeue = stopping.requeue_outcome(cfg, code)
+            elif reason.kind == "requeued":
+                code = cfg.exit_code  # the cluster runs it again
+            stopping.log_stop_line(
+                reason, signal_name, step, saved, requeue, code, time.perf_counter() - t0
+            )
+        self.exit_code = int(self.control.bcast(code))
+        self.close(wait_for_trash=False)
+
     def _save_failed(self, step: int, error: Exception) -> bool:
         policy = self.resilience.on_save_error
         if policy == "raise":
@@ -301,28 +350,28 @@ class CheckpointManager:
                 "checkpoint of step %d failed (%s); continuing (on_save_error)", step, error
             )
             return False
-        from kempnerforge.resilience.reason import StopReason
-        from kempnerforge.resilience.stop import run_stop
-
         reason = StopReason(
             "save-failed", False, True, f"checkpoint of step {step} failed: {error}"
         )
-        self.exit_code = run_stop(self, step, reason, lambda: None)
+        self._stop_run(step, reason, lambda: None)
         return True
 
-    def _ensure_stop_controller(self) -> Any:
+    def _ensure_stop_controller(self) -> stopping.StopController:
         if self._stop is None:
-            from kempnerforge.resilience.stop import StopController, on_hang
-
             me = weakref.ref(self)
 
-            def hang(message: str) -> int:
+            def on_hang(message: str) -> int:
                 mgr = me()
-                return on_hang(mgr, message) if mgr is not None else 77
+                if mgr is None:
+                    return exit_codes.HANG
+                return stopping.hang_exit_code(
+                    mgr.resilience, mgr.rank, mgr.dir, mgr.committed_step, message
+                )
 
-            self._stop = StopController(self.resilience, hang)
+            self._stop = stopping.StopController(self.resilience, on_hang)
         return self._stop
 
+    # ------------------------------------------------------------------ the job lock
     def _ensure_lock(self) -> None:
         """Rank 0 takes (or joins) the directory's job lock; every rank raises the same error."""
         problem: BaseException | None = None
@@ -342,17 +391,21 @@ class CheckpointManager:
         if self.trash.is_dir() and any(self.trash.iterdir()):
             self._schedule_trash()  # left by an earlier run that did not wait for it
 
-    # ------------------------------------------------------------------ save
-    def _state_dict(self) -> dict[str, Any]:
-        if self.optimizer is None:
-            return {"model": get_model_state_dict(self.model)}
-        # One call for both: torch maps parameter names once instead of twice (half of the
-        # time ``save()`` spends assembling the state dict). Frozen parameters are in the
-        # model part either way; the optimizer part needs them marked trainable.
-        with all_trainable(self.model):
-            model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        return {"model": model_sd, "optimizer": optim_sd}
+    def _prepare_save(self) -> str | BaseException:
+        """Rank 0, every save: the directory is ours to write and this job holds its lock.
 
+        Returns the save's temp-dir token, or the exception every rank must raise (sent with
+        the token broadcast the save needs anyway, so the check costs no extra collective).
+        """
+        try:
+            check_dir_safety(self.dir, for_write=True, dir_mode=self.config.dir_mode)
+            if self._lock is None:
+                self._take_lock()
+        except Exception as e:
+            return e
+        return uuid.uuid4().hex[:8]
+
+    # ------------------------------------------------------------------ save
     def save(
         self,
         step: int,
@@ -361,7 +414,7 @@ class CheckpointManager:
         dataloader: Any | None = None,
         extra: dict[str, Any] | None = None,
     ) -> None:
-        """Save a checkpoint at ``step``.
+        """Save a checkpoint at ``step`` (with every handed-over state).
 
         Sync mode: returns once ``latest`` points at the durable ``step_{step}``. Async modes:
         returns once the state is staged in host memory; the write and commit finish in the
@@ -370,38 +423,28 @@ class CheckpointManager:
         """
         t0 = time.perf_counter()
         self._checkpointer.wait()
-        self._peeked = None
+        self._loader.forget_peek()
         self._warn_stateless_loader(dataloader)
-        state = build_train_state(step, tokens_seen, scheduler, dataloader, extra)
-        gen = loader_generator_state(dataloader)
-        if gen is not None:
-            state["dataloader_generator"] = gen
-        ts_bytes = serialize_train_state(state)  # RNG of step N, captured now
+        parts = assemble(
+            model=self.model,
+            optimizer=self.optimizer,
+            captured=capture(self.states),
+            step=int(step),
+            tokens_seen=int(tokens_seen),
+            scheduler=scheduler,
+            dataloader=dataloader,
+            extra=extra,
+            world_size=self.world_size,
+            async_mode=self.config.async_mode.value,
+            pp_rank=self.pp_rank,
+        )
         token = self.control.bcast(self._prepare_save() if self.rank == 0 else None)
         if isinstance(token, BaseException):
             raise token  # every rank: directory unsafe or locked by another job
-        tmp = self.dir / f"{storage.TMP_PREFIX}{int(step)}-{token}"
-        dcp_dir = tmp / storage.pp_dir_name(self.pp_rank) if self.pp_rank is not None else tmp
+        tmp, dcp_dir = temp_dirs(self.dir, int(step), token, self.pp_rank)
         storage.make_dir(tmp / storage.TRAIN_STATE_DIR, self.config.dir_mode)
         storage.make_dir(dcp_dir, self.config.dir_mode)
-        meta = {
-            "format": storage.FORMAT_NAME,
-            "format_version": storage.FORMAT_VERSION,
-            "step": int(step),
-            "tokens_seen": int(tokens_seen),
-            "world_size": self.world_size,
-            "async_mode": self.config.async_mode.value,
-            "torch_version": torch.__version__,
-        }
-        if self.pp_rank is not None:
-            meta["pipeline_parallel"] = True
-        if extra and "vlm_freeze" in extra:
-            meta["vlm_freeze"] = extra["vlm_freeze"]
-        state_dict = self._state_dict()
-        stateless = self._params_without_state(state_dict.get("optimizer"))
-        if stateless:
-            meta["optimizer_without_state"] = stateless
-        plan = CommitPlan(int(step), self.dir, tmp, dcp_dir, ts_bytes, meta, t0)
+        plan = CommitPlan(int(step), self.dir, tmp, dcp_dir, parts.train_state, parts.meta, t0)
         job = CommitJob(
             plan,
             self.control,
@@ -415,7 +458,7 @@ class CheckpointManager:
         self._last_save_time = time.monotonic()
         self._prepared = True  # buffers are allocated by this save if not before
         self._checkpointer.save(
-            state_dict,
+            parts.state_dict,
             str(dcp_dir),
             self.process_group,
             on_written=job.finish,
@@ -424,41 +467,7 @@ class CheckpointManager:
             t0=t0,
             digests=plan.digests,
             defer_copy=self._defer_copy,
-            from_rank0=self._rank0_keys(state_dict),
-        )
-
-    def _params_without_state(self, optim_sd: Any) -> dict[str, list[str]]:
-        """Parameters the optimizer holds no state for yet (it creates state at a parameter's
-        first update), split by whether they are frozen now. A resume leaves exactly these
-        stateless; any other state missing from the checkpoint is an error."""
-        if not isinstance(optim_sd, dict) or not isinstance(optim_sd.get("state"), dict):
-            return {}
-        frozen = {
-            _canonical_name(n) for n, p in self.model.named_parameters() if not p.requires_grad
-        }
-        names = [n for g in optim_sd.get("param_groups", []) for n in g.get("params", [])]
-        missing = [n for n in names if isinstance(n, str) and n not in optim_sd["state"]]
-        out = {
-            "never_stepped": sorted(n for n in missing if n not in frozen),
-            "frozen": sorted(n for n in missing if n in frozen),
-        }
-        return {k: v for k, v in out.items() if v}
-
-    def _rank0_keys(self, state_dict: dict[str, Any]) -> frozenset[str]:
-        """Flattened keys of replicated module buffers, written from rank 0's copy (see
-        :class:`~kempnerforge.checkpoint.async_save.Rank0ReplicasPlanner`)."""
-        if not (dist.is_initialized() and dist.get_world_size() > 1):
-            return frozenset()
-        try:
-            from torch.distributed.tensor import DTensor
-        except ImportError:  # pragma: no cover
-            DTensor = ()  # type: ignore[assignment]
-        model_sd = state_dict.get("model", {})
-        names = {_canonical_name(n) for n, _ in self.model.named_buffers()}
-        return frozenset(
-            f"model.{k}"
-            for k, v in model_sd.items()
-            if k in names and isinstance(v, torch.Tensor) and not isinstance(v, DTensor)
+            from_rank0=parts.from_rank0,
         )
 
     def _warn_stateless_loader(self, loader: Any) -> None:
@@ -476,20 +485,6 @@ class CheckpointManager:
                 "for an exact resume.",
                 f"{kind.__module__}.{kind.__qualname__}",
             )
-
-    def _prepare_save(self) -> str | BaseException:
-        """Rank 0, every save: the directory is ours to write and this job holds its lock.
-
-        Returns the save's temp-dir token, or the exception every rank must raise (sent with
-        the token broadcast the save needs anyway, so the check costs no extra collective).
-        """
-        try:
-            check_dir_safety(self.dir, for_write=True, dir_mode=self.config.dir_mode)
-            if self._lock is None:
-                self._take_lock()
-        except Exception as e:
-            return e
-        return uuid.uuid4().hex[:8]
 
     def _after_commit(self, committed: Path) -> None:
         protected = set()
@@ -548,71 +543,12 @@ class CheckpointManager:
         self._janitor.submit(lambda: storage.empty_trash(trash))
 
     # ------------------------------------------------------------------ load
-    def _resolve(self, path: str | None, require_dcp: bool) -> Resolution:
-        """Rank 0's view of what to load: explicit path > own dir's checkpoint > load_path."""
-        verify = self.config.verify_on_load
-        if path is not None:
-            res = resolve_explicit(path, verify, require_dcp)
-            res.source = "explicit"
-        else:
-            res = (
-                find_resumable(self.dir, verify, require_dcp) if self.dir.is_dir() else Resolution()
-            )
-            res.source = "own"
-            if res.error is not None and res.corrupt:
-                res = self._all_corrupt(res)
-            elif res.path is None and self.config.load_path:
-                warnings = res.warnings
-                res = resolve_explicit(self.config.load_path, verify, require_dcp)
-                res.source = "load_path"
-                res.warnings = warnings + res.warnings
-            elif res.path is None:
-                res.source = "none"
-        if res.path is not None and Path(res.path).resolve().parent == self.dir.resolve():
-            res.source = "own"
-        return res
-
-    def _all_corrupt(self, res: Resolution) -> Resolution:
-        if self.config.on_all_corrupt != "start_fresh":
-            return res
-        logger.error(
-            "CHECKPOINT RESUME SKIPPED: %s; checkpoint.on_all_corrupt=start_fresh, so this run "
-            "TRAINS FROM STEP 0 beside them (they are kept and never pruned)",
-            res.error,
-        )
-        return Resolution(source="none", warnings=res.warnings)
-
-    def _resolve_agreed(
-        self, path: str | None, use_peeked: bool = False, require_dcp: bool = True
-    ) -> Resolution:
-        """Rank 0 resolves, every rank gets the same answer (no stale per-rank FS views).
-
-        ``load`` passes ``use_peeked``: it then loads exactly what the preceding
-        ``peek_saved_step`` (same path argument, no save in between) reported.
-        """
-        key = (None if path is None else str(path), require_dcp)
-        if use_peeked and self._peeked is not None and self._peeked[0] == key:
-            res = self._peeked[1]
-        else:
-            self._checkpointer.join()  # the group must be idle; a failure stays for save()/wait()
-            res = None
-            if self.rank == 0:
-                try:
-                    res = self._resolve(path, require_dcp)
-                except Exception as e:  # a filesystem error must not leave other ranks hanging
-                    res = Resolution(error=f"resolving the checkpoint to load failed: {e!r}")
-                for w in res.warnings:
-                    logger.warning("checkpoint resume: %s", w)
-            res = self.control.bcast(res)
-        self._peeked = (key, res)
-        return res
-
     def peek_saved_step(self, path: str | None = None) -> int | None:
         """Step of the checkpoint ``load(path)`` would load, or None. Never raises for a missing
         or unreadable checkpoint (every checkpoint of this run corrupt raises in ``load``);
         ``load`` then uses the very same directory."""
         try:
-            res = self._resolve_agreed(path)
+            res = self._loader.resolve_agreed(path)
         except CheckpointError:
             raise
         except Exception as e:
@@ -633,205 +569,24 @@ class CheckpointManager:
         """Load a checkpoint and restore all state; returns (step, tokens_seen, extra).
 
         ``path=None``: this manager's newest complete checkpoint (``latest`` first), else
-        ``config.load_path``; ``(0, 0, {})`` when neither exists. Checkpoints written by the
-        original KempnerForge (``train_state.pt``) load too. Raises when every committed
-        checkpoint of this run's directory is unusable (naming each; see
-        ``checkpoint.on_all_corrupt``) and when an explicit path does not exist or is incomplete.
-        ``config.exclude_from_loading`` applies to checkpoints from elsewhere (``load_path`` / an
-        explicit path outside ``dir``), never to this run's own resume, which must be exact.
+        ``config.load_path``; ``(0, 0, {})`` when neither exists. The handed-over ``states`` are
+        restored too (a data loader among them once it is iterated: see
+        :meth:`apply_dataloader_state`). Checkpoints written by the original KempnerForge
+        (``train_state.pt``) load too. Raises when every committed checkpoint of this run's
+        directory is unusable (naming each; see ``checkpoint.on_all_corrupt``) and when an
+        explicit path does not exist or is incomplete. ``config.exclude_from_loading`` applies to
+        checkpoints from elsewhere (``load_path`` / an explicit path outside ``dir``), never to
+        this run's own resume, which must be exact.
         """
-        excluded = set(exclude_keys or [])
-        unknown = excluded - set(LOADABLE_KEYS)
-        if unknown:
-            raise ValueError(
-                f"exclude_keys {sorted(unknown)} unknown; use any of {list(LOADABLE_KEYS)}"
-            )
-        need_dcp = not {"model", "optimizer"} <= excluded
-        res = self._resolve_agreed(path, use_peeked=True, require_dcp=need_dcp)
-        self._peeked = None
-        if res.error is not None:
-            raise FileNotFoundError(res.error)
-        if res.path is None or res.meta is None:
-            logger.info("no checkpoint to resume from under %s: starting fresh", self.dir)
-            return 0, 0, {}
-        step_dir, meta = Path(res.path), res.meta
-
-        self._check_freeze(step_dir, meta, vlm_freeze_expected)
-        if res.source != "own":
-            excluded |= set(self.config.exclude_from_loading)
-
-        dcp_dir = storage.dcp_dir(step_dir, self.pp_rank)
-        sd: dict[str, Any] = {}
-        if "model" not in excluded:
-            sd["model"] = get_model_state_dict(self.model)
-        if "optimizer" not in excluded and self.optimizer is not None:
-            with all_trainable(self.model):
-                sd["optimizer"] = get_optimizer_state_dict(self.model, self.optimizer)
-        saved_ws = int(meta.get("world_size", self.world_size))
-        same_world = saved_ws == self.world_size
-        ts_file = storage.train_state_file(step_dir, self.rank if same_world else 0, saved_ws)
-        self._agree_loadable(step_dir, dcp_dir, ts_file, sd, meta)
-        if sd:
-            self._checkpointer.wait_staged()  # a save's copy must not read half-loaded tensors
-            try:
-                dcp.load(
-                    sd,
-                    checkpoint_id=str(dcp_dir),
-                    storage_reader=CheckpointReader(str(dcp_dir)),
-                    planner=SafeLoadPlanner(),
-                    process_group=self.process_group,
-                    no_dist=not self._dist,
-                )
-            except CheckpointException as e:  # a BaseException: name the real cause
-                raise explain_dcp_failure(e, dcp_dir) from e
-            if "model" in sd:
-                set_model_state_dict(self.model, sd["model"])
-            if "optimizer" in sd:
-                # parameters that never stepped have no state to restore (see
-                # _drop_state_never_saved): the shapes and keys were checked above
-                with all_trainable(self.model):
-                    set_optimizer_state_dict(
-                        self.model,
-                        self.optimizer,
-                        sd["optimizer"],
-                        options=StateDictOptions(strict=False),
-                    )
-
-        state = read_train_state(step_dir, self.rank if same_world else 0)
-        if not same_world:
-            rng = state.pop("rng", None)
-            seed = reseed_rng(rng, self.rank)
-            logger.warning(
-                "checkpoint %s was saved with %d ranks, loading with %d: rank %d RNG re-seeded "
-                "deterministically (seed %d) instead of restored",
-                step_dir,
-                saved_ws,
-                self.world_size,
-                self.rank,
-                seed,
-            )
-        loader_state = state.pop("dataloader", None)
-        generator = state.pop("dataloader_generator", None)
-        step, tokens, extra = restore_train_state(state, scheduler, None)
-        self._pending_dataloader_state = loader_state
-        self._pending_loader_generator = generator
+        loaded = self._loader.load(path, scheduler, set(exclude_keys or []), vlm_freeze_expected)
+        self._pending_loaders = loaded
+        for name, entry in loaded.state_loaders.items():
+            restore_loader(self.states[name], entry.get("state"))
+            guard_first_iter(self.states[name], entry.get("generator"))
+        loaded.state_loaders = {}
         if dataloader is not None:
             self.apply_dataloader_state(dataloader)
-        logger.info(
-            "resumed from %s (step %d, tokens %d%s)",
-            step_dir,
-            step,
-            tokens,
-            f", excluded {sorted(excluded)}" if excluded else "",
-        )
-        return step, tokens, extra
-
-    def _agree_loadable(
-        self,
-        step_dir: Path,
-        dcp_dir: Path,
-        ts_file: Path,
-        sd: dict[str, Any],
-        meta: dict[str, Any],
-    ) -> None:
-        """Before any state moves, every rank agrees the load can proceed.
-
-        Each rank reports whether it sees the files it needs (its train state, DCP's metadata);
-        rank 0 also checks the directory and compares keys and shapes through the restricted
-        unpickler. One verdict comes back to every rank, so all raise the same error rather
-        than some entering the collective load while others do not (a hang).
-        """
-        mine: list[str] = []
-        if not ts_file.is_file():
-            mine.append(str(ts_file))
-        if sd and not (dcp_dir / storage.DCP_METADATA_FILE).is_file():
-            mine.append(str(dcp_dir / storage.DCP_METADATA_FILE))
-        views = self.control.gather((self.rank, mine))
-        problem: BaseException | None = None
-        if self.rank == 0:
-            assert views is not None
-            missing = [(r, f) for r, files in views for f in files]
-            if missing:
-                seen = "; ".join(f"rank {r} cannot see {f}" for r, f in missing)
-                problem = FileNotFoundError(
-                    f"checkpoint {step_dir} is incomplete for this job: {seen}. If the file is "
-                    "there on other nodes, the shared filesystem is not consistent yet (wait "
-                    "and rerun); otherwise load another step or delete this one."
-                )
-            else:
-                try:
-                    check_dir_safety(step_dir.parent, for_write=False)
-                    if sd:
-                        md = load_dcp_metadata(dcp_dir)
-                        self._drop_state_never_saved(sd, md, meta)
-                        check_compatible(dcp_dir, sd, md)
-                except Exception as e:
-                    problem = e
-        problem = self.control.bcast(problem)
-        if problem is not None:
-            raise problem
-        if sd and self.rank != 0:
-            self._drop_state_never_saved(sd, load_dcp_metadata(dcp_dir), meta)
-
-    def _drop_state_never_saved(self, sd: dict[str, Any], md: Any, meta: dict[str, Any]) -> None:
-        """Leave out optimizer state the checkpoint records as never created.
-
-        A parameter that never got a gradient (unused so far, or frozen from the start) has no
-        optimizer state in the checkpoint and must have none after the resume; the save recorded
-        which ones (``optimizer_without_state``). A frozen one stays stateless only while it is
-        still frozen. Anything else missing stays in, and the compatibility check names it.
-        """
-        optim = sd.get("optimizer")
-        if optim is None:
-            return
-        if isinstance(md.state_dict_metadata.get("optimizer"), BytesStorageMetadata):
-            sd["optimizer"] = b""  # one opaque entry (an older DCP writer): loaded whole
-            return
-        if not isinstance(optim, dict) or not isinstance(optim.get("state"), dict):
-            return
-        record = meta.get("optimizer_without_state") or {}
-        frozen_now = {
-            _canonical_name(n) for n, p in self.model.named_parameters() if not p.requires_grad
-        }
-        allowed = set(record.get("never_stepped", [])) | (
-            set(record.get("frozen", [])) & frozen_now
-        )
-        for name in list(optim["state"]):
-            if name in allowed and not any(
-                k.startswith(f"optimizer.state.{name}.") for k in md.state_dict_metadata
-            ):
-                del optim["state"][name]
-
-    def _check_freeze(
-        self, step_dir: Path, meta: dict[str, Any], expected: list[dict[str, Any]] | None
-    ) -> None:
-        """Compare the freeze list saved with the checkpoint and the one this run expects.
-
-        Only modules both lists name are compared (a module one architecture has and the other
-        lacks cannot disagree); the message lists the ones left out on each side.
-        """
-        saved = meta.get("vlm_freeze")
-        if saved is None or expected is None:
-            return
-        s = {e["module"]: bool(e["frozen"]) for e in saved}
-        x = {e["module"]: bool(e["frozen"]) for e in expected}
-        shared = sorted(s.keys() & x.keys())
-        if all(s[m] == x[m] for m in shared):
-            return
-        saved_only, current_only = sorted(s.keys() - x.keys()), sorted(x.keys() - s.keys())
-        msg = (
-            f"VLM freeze mismatch at {step_dir}: "
-            f"saved={[{'module': m, 'frozen': s[m]} for m in shared]}, "
-            f"current={[{'module': m, 'frozen': x[m]} for m in shared]}"
-        )
-        if saved_only or current_only:
-            msg += (
-                f" (cross-arch keys ignored: saved-only={saved_only}, current-only={current_only})"
-            )
-        if self.config.ignore_freeze_mismatch:
-            logger.warning("%s; proceeding because checkpoint.ignore_freeze_mismatch=true", msg)
-            return
-        raise ValueError(msg + " (set checkpoint.ignore_freeze_mismatch=true to override)")
+        return loaded.step, loaded.tokens_seen, loaded.extra
 
     def apply_dataloader_state(self, dataloader: Any) -> None:
         """Apply dataloader state stashed by a ``load()`` that had no loader; clear the stash.
@@ -841,26 +596,9 @@ class CheckpointManager:
         as they were saved, so the draws a new iterator makes do not shift what the training
         step draws next (Dropout masks): an uninterrupted run made those draws before the save.
         """
-        loader_state, self._pending_dataloader_state = self._pending_dataloader_state, None
-        generator, self._pending_loader_generator = self._pending_loader_generator, None
-        if dataloader is None or (loader_state is None and generator is None):
+        pending, self._pending_loaders = self._pending_loaders, Loaded()
+        state, generator = pending.loader_state, pending.loader_generator
+        if dataloader is None or (state is None and generator is None):
             return
-        restore_loader(dataloader, loader_state)
+        restore_loader(dataloader, state)
         guard_first_iter(dataloader, generator)
-
-
-def _canonical_name(name: str) -> str:
-    """A module's buffer name as the model state dict spells it (wrappers' prefixes removed)."""
-    for prefix in ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module."):
-        name = name.replace(prefix, "")
-    return name
-
-
-def _mutates_in_forward(model: torch.nn.Module) -> bool:
-    """True when a forward pass changes saved state in place (normalisation running stats)."""
-    from torch.nn.modules.batchnorm import _NormBase
-
-    return any(
-        isinstance(m, _NormBase) and m.track_running_stats and m.running_mean is not None
-        for m in model.modules()
-    )

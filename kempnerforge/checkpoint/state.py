@@ -28,7 +28,7 @@ from kempnerforge.checkpoint.storage import CheckpointFormatError
 logger = logging.getLogger(__name__)
 
 STANDARD_KEYS = frozenset(
-    {"step", "tokens_seen", "rng", "scheduler", "dataloader", "dataloader_generator"}
+    {"step", "tokens_seen", "rng", "scheduler", "dataloader", "dataloader_generator", "states"}
 )
 
 

@@ -56,8 +56,22 @@ class CheckpointFormatError(ValueError):
     """A checkpoint file is corrupt, incomplete or not what it claims to be."""
 
 
+def human_bytes(n: float) -> str:
+    """``1536`` -> ``1.5 KiB``: sizes in the lines people read."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            break
+        n /= 1024
+    return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+
+
 def step_dir_name(step: int) -> str:
     return f"step_{int(step)}"
+
+
+def tmp_step_dir_name(step: int, token: str) -> str:
+    """Where a save of ``step`` is written before its commit renames it to ``step_N``."""
+    return f"{TMP_PREFIX}{int(step)}-{token}"
 
 
 def parse_step_dir(name: str) -> int | None:

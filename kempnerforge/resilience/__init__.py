@@ -2,7 +2,7 @@
 
 Most loops need none of this directly: ``CheckpointManager.resume`` / ``maybe_save`` use it (see
 docs/own-script.md). Public names: :class:`ResilienceConfig`; the stop path
-(:class:`StopController`, :func:`run_stop`); why a job stops (:func:`classify_stop`,
+(:class:`StopController`, :func:`classify`, :func:`requeue_code`, :func:`hang_exit_code`); why a job stops (:func:`classify_stop`,
 :class:`StopReason`); the requeue guard (:func:`maybe_requeue`, :func:`last_decision`); the
 watchdogs (:class:`SaveWatchdog`, :class:`HangWatchdog`); the signal flag
 (:class:`PreemptionFlag`); the cross-rank agreement (:class:`StopAgreement`). Exit codes are in
@@ -19,7 +19,9 @@ from kempnerforge._lazy import lazy_exports
 _EXPORTS = {
     "ResilienceConfig": "kempnerforge.resilience.config",
     "StopController": "kempnerforge.resilience.stop",
-    "run_stop": "kempnerforge.resilience.stop",
+    "classify": "kempnerforge.resilience.stop",
+    "requeue_code": "kempnerforge.resilience.stop",
+    "hang_exit_code": "kempnerforge.resilience.stop",
     "StopReason": "kempnerforge.resilience.reason",
     "classify_stop": "kempnerforge.resilience.reason",
     "maybe_requeue": "kempnerforge.resilience.requeue",

@@ -18,6 +18,7 @@ import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 
 from kempnerforge.checkpoint import CheckpointManager, storage
+from kempnerforge.checkpoint.assemble import model_state_dict
 from kempnerforge.checkpoint.guards import CheckpointMismatchError, UnsafeCheckpointDirError
 from kempnerforge.checkpoint.lock import read_holder
 from kempnerforge.checkpoint.safe_unpickle import CheckpointFormatError
@@ -155,7 +156,7 @@ def test_planted_pickle_in_a_shard_never_runs(tmp_path: Path) -> None:
     mgr = manager(d, verify_on_load="none")
     mgr.save(1)
     marker = tmp_path / "pwned"
-    sd = mgr._state_dict()
+    sd = model_state_dict(mgr.model, mgr.optimizer)
     sd["optimizer"]["param_groups"][0]["lr"] = _Payload(marker)
     for f in (d / "step_1").glob("*.distcp"):
         f.unlink()
