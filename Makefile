@@ -30,7 +30,7 @@ test-slow: install
 	$(BIN)/python -m pytest -q tests --runslow -m "slow"
 
 test-fast: install
-	$(BIN)/python -m pytest -q tests -m "not slurm and not distributed and not slow"
+	$(BIN)/python -m pytest -q tests -m "not slurm and not distributed and not slow and not bench"
 
 lint: install
 	$(BIN)/ruff check $(LINT_PATHS)

@@ -25,9 +25,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kempnerforge.launch import slurm
 from kempnerforge.launch.local import LocalJob, run_local
 from kempnerforge.launch.signal_relay import signal_numbers
+from kempnerforge.launch.slurm import report, submission
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-requeues",
         type=int,
         default=None,
-        help="restarts allowed in total (0 = unlimited); kempnerforge.train also gets it as "
-        "resilience.max_requeues",
+        help="restarts allowed in total; 0 (the default) means unlimited. kempnerforge.train "
+        "also gets it as resilience.max_requeues (not given: the config's value)",
     )
     p.add_argument(
         "--folder",
@@ -110,8 +110,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--wait", action="store_true", help="after submitting, follow the job to its end"
     )
     p.add_argument("--wait-timeout", type=float, default=24 * 3600.0)
-    p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.max_steps=50")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="config overrides, positional: section.key=value, e.g. train.max_steps=50",
+    )
     return p
+
+
+def unknown_options(parser: argparse.ArgumentParser, extras: list[str]) -> None:
+    """Stop, naming them, on options the launcher does not know.
+
+    Config overrides are positional, so the value of an unknown ``--flag 1`` would be taken for
+    one: the error names the option and says how an override is written instead.
+    """
+    flags = [e for e in extras if e.startswith("-")]
+    if not flags:
+        return
+    names = ", ".join(f.partition("=")[0] for f in flags)
+    hint = "config overrides are positional section.key=value, e.g. train.max_steps=50"
+    first = flags[0].lstrip("-")
+    if "=" in first and "." in first.partition("=")[0]:
+        hint += f" (without dashes: {first})"
+    what = "unknown option" if len(flags) == 1 else "unknown options"
+    parser.error(f"{what} {names}: {hint}; {PROG} --help lists the options")
 
 
 def split_command(argv: list[str]) -> tuple[list[str], list[str] | None]:
@@ -147,9 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     own, command = split_command(sys.argv[1:] if argv is None else list(argv))
     parser = build_parser()
-    args = parser.parse_intermixed_args(own)
+    args, extras = parser.parse_known_intermixed_args(own)
+    unknown_options(parser, extras)
+    if extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
     if args.status:
-        return slurm.status(args.status, args.folder)
+        return report.status(args.status, args.folder)
     if command is not None:
         if args.config or args.overrides:
             parser.error(
@@ -159,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("no command after --")
     elif not args.config:
         parser.error("--config is required (or -- COMMAND, or --status JOB_ID)")
-    if args.nodes < 1 or slurm.tasks_per_node(args) < 1:
+    if args.nodes < 1 or submission.tasks_per_node(args) < 1:
         parser.error("--nodes and --tasks-per-node must be >= 1")
     for ov in args.overrides:
         if "=" not in ov:
@@ -189,15 +214,15 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.dry_run:
         if args.local:
-            n = args.nodes * slurm.tasks_per_node(args)
+            n = args.nodes * submission.tasks_per_node(args)
             print(
                 f"[kempnerforge.launch] dry run: {n} local task(s) would run: {shlex.join(command)}"
             )
         else:
             folder = Path(args.folder or slurm_folder).absolute()
-            print(slurm.sbatch_script(args, folder, command), end="")
+            print(submission.sbatch_script(args, folder, command), end="")
         return 0
-    local = args.local or (not args.slurm and not slurm.slurm_available())
+    local = args.local or (not args.slurm and not submission.slurm_available())
     folder = Path(args.folder or (local_folder if local else slurm_folder)).absolute()
     if local:
         if not args.local:
@@ -205,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         job = LocalJob(
             command=command,
             nodes=args.nodes,
-            tasks_per_node=slurm.tasks_per_node(args),
+            tasks_per_node=submission.tasks_per_node(args),
             signals=signal_numbers([args.signal]),
             grace_s=grace,
             max_requeues=args.max_requeues or 0,
@@ -214,15 +239,15 @@ def main(argv: list[str] | None = None) -> int:
             folder=folder,
         )
         return run_local(job)
-    if not slurm.slurm_available():
+    if not submission.slurm_available():
         raise SystemExit(
             "error: --slurm given but `sinfo` fails: is SLURM_CONF set / slurmctld up?"
         )
-    job_id = slurm.submit(args, command, folder, checkpoint_dir, **record)
+    job_id = submission.submit(args, command, folder, checkpoint_dir, **record)
     print(f"Submitted job {job_id}", flush=True)
     print(f"  logs:   {folder}/{job_id}_<task>_log.out", flush=True)
     print(f"  status: {PROG} --status {job_id}", flush=True)
     if args.wait:
-        state = slurm.wait_for(job_id, args.wait_timeout)
+        state = report.wait_for(job_id, args.wait_timeout)
         return 0 if state == "COMPLETED" else 1
     return 0

@@ -28,10 +28,13 @@ from kempnerforge.launch.signal_relay import signal_name
 JOB_RECORD_SUFFIX = "_kempnerforge.json"
 TAIL_LINES = 20
 STOP_PREFIXES = ("kempnerforge stop:", "kempnerforge hang:")
-BANNER_PREFIX = "[kempnerforge.launch] job "
+LOG_PREFIX = "[kempnerforge.launch]"  # the launcher's own lines in a task's log
+BANNER_PREFIX = f"{LOG_PREFIX} job "
 
 _EXIT_RE = re.compile(r"^(?P<job>.+)_(?P<restart>\d+)_(?P<rank>\d+)_exit\.json$")
 _TRACEBACK = "Traceback (most recent call last):"
+# torch.distributed prefixes every line of an uncaught exception in a rank with ``[rankN]: ``.
+_RANK_TAG = re.compile(r"^\[rank\d+\]: ?")
 
 
 def job_record_path(folder: str | os.PathLike[str], job_id: str) -> Path:
@@ -98,18 +101,32 @@ def last_run(lines: Sequence[str], job_id: str | None = None) -> list[str]:
     return list(lines)
 
 
+def _untag(line: str) -> tuple[str, str]:
+    """``"[rank1]: ValueError: x"`` -> ``("[rank1]", "ValueError: x")``; untagged: ("", line)."""
+    m = _RANK_TAG.match(line)
+    return (m.group(0).rstrip(" :"), line[m.end() :]) if m else ("", line)
+
+
 def exception_line(lines: Sequence[str]) -> str | None:
-    """The exception of the last Python traceback in ``lines`` (``ValueError: boom``), if any."""
-    start = None
+    """The exception of the last Python traceback in ``lines`` (``ValueError: boom``), if any.
+
+    A traceback whose lines carry a ``[rankN]: `` tag (torch.distributed's form) is read through
+    the tag, and only lines with the same tag belong to it: ranks writing to one log interleave.
+    """
+    start, tag = None, ""
     for i in range(len(lines) - 1, -1, -1):
-        if lines[i].strip() == _TRACEBACK:
+        tag, body = _untag(lines[i])
+        if body.strip() == _TRACEBACK:
             start = i
             break
     if start is None:
         return None
     for line in lines[start + 1 :]:
-        if line and not line[0].isspace() and not line.startswith("[kempnerforge.launch]"):
-            return line.strip()
+        line_tag, body = _untag(line)
+        if line_tag != tag:
+            continue
+        if body and not body[0].isspace() and not body.startswith(LOG_PREFIX):
+            return body.strip()
     return None
 
 

@@ -1,4 +1,4 @@
-"""Small shared pieces of the ported tests (tiny models, log capture, reading a saved step)."""
+"""Small pieces the ported tests have in common (tiny models, log capture, reading a saved step)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import torch
 from kempnerforge.freeze import FreezeSpec, canonical_freeze_meta
 from kempnerforge.model import GPT, ModelConfig
 
-MANAGER_LOGGER = "kempnerforge.checkpoint.manager"
+# the checkpoint package's loggers, whichever of its modules logs (records propagate up)
+CHECKPOINT_LOGGER = "kempnerforge.checkpoint"
 TINY = ModelConfig(vocab_size=64, seq_len=16, n_layer=2, n_head=2, d_model=32)
 
 
@@ -39,23 +40,13 @@ def train_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, n: int, seed
         opt.zero_grad()
 
 
-def moments(opt: torch.optim.Optimizer) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    out = []
-    for group in opt.param_groups:
-        for p in group["params"]:
-            st = opt.state.get(p, {})
-            if "exp_avg" in st:
-                out.append((st["exp_avg"].clone(), st["exp_avg_sq"].clone()))
-    return out
-
-
 def freeze_meta(*pairs: tuple[str, bool]) -> list[dict[str, Any]]:
     return canonical_freeze_meta([FreezeSpec(m, f) for m, f in pairs])
 
 
 @contextlib.contextmanager
 def captured_logs(
-    name: str = MANAGER_LOGGER, level: int = logging.DEBUG
+    name: str = CHECKPOINT_LOGGER, level: int = logging.DEBUG
 ) -> Iterator[list[logging.LogRecord]]:
     """Records of ``name`` (and its children) via a handler attached to it directly."""
     records: list[logging.LogRecord] = []

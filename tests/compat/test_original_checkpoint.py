@@ -6,7 +6,7 @@ assertions, except where the original reached into internals that do not exist h
 
 * The original built checkpoints by hand (``torch.save`` of ``train_state.pt`` next to a
   ``metadata.json``, DCP mocked). Here such checkpoints are written in the original's on-disk
-  layout by ``_original_format.write_original_checkpoint`` (real DCP shards, since ``dcp.load`` is
+  layout by ``helpers.original_format.write_original_checkpoint`` (real DCP shards, since ``dcp.load`` is
   not mocked): these tests say how a checkpoint of the original must resume.
 * ``_make_mock_mgr`` mocked ``mgr._async_ckpt.save`` and ``dcp.load``; here saves are real
   (a 4x4 Linear), and ``_async_ckpt`` is ``checkpointer`` (public here).
@@ -42,17 +42,18 @@ from unittest.mock import MagicMock
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from _compat_common import (
     captured_logs,
     freeze_meta,
     lazy_adamw,
     messages,
-    moments,
     saved_train_state,
     tiny_gpt,
     train_steps,
 )
-from _original_format import original_rng_state, point_latest, write_original_checkpoint
+from helpers.optim import adam_moments
+from helpers.original_format import original_rng_state, point_latest, write_original_checkpoint
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
@@ -222,6 +223,17 @@ class _GatedSave:
         self.done.append(where)
 
 
+def _held_async_save(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> tuple[_GatedSave, AsyncCheckpointer]:
+    """An async checkpointer with one save (``step_1``) started and held in ``dcp.save``."""
+    gated = _GatedSave()
+    monkeypatch.setattr("kempnerforge.checkpoint.async_save.dcp.save", gated)
+    ckpt = AsyncCheckpointer(mode=AsyncCheckpointMode.async_)
+    ckpt.save({"model": {}}, checkpoint_id=str(tmp_path / "step_1"))
+    return gated, ckpt
+
+
 class TestAsyncCheckpointer:
     def test_default_mode_is_disabled(self):
         assert AsyncCheckpointer().mode == AsyncCheckpointMode.disabled
@@ -242,10 +254,7 @@ class TestAsyncCheckpointer:
 
     def test_async_mode_calls_async_save(self, monkeypatch, tmp_path):
         """Async mode writes off the caller's thread (ours: its own thread, not dcp.async_save)."""
-        gated = _GatedSave()
-        monkeypatch.setattr("kempnerforge.checkpoint.async_save.dcp.save", gated)
-        ckpt = AsyncCheckpointer(mode=AsyncCheckpointMode.async_)
-        ckpt.save({"model": {}}, checkpoint_id=str(tmp_path / "step_1"))
+        gated, ckpt = _held_async_save(monkeypatch, tmp_path)
         try:
             assert ckpt.is_pending
         finally:
@@ -255,10 +264,7 @@ class TestAsyncCheckpointer:
         assert gated.calls[0][0] != threading.current_thread().name
 
     def test_wait_resolves_pending_future(self, monkeypatch, tmp_path):
-        gated = _GatedSave()
-        monkeypatch.setattr("kempnerforge.checkpoint.async_save.dcp.save", gated)
-        ckpt = AsyncCheckpointer(mode=AsyncCheckpointMode.async_)
-        ckpt.save({"model": {}}, checkpoint_id=str(tmp_path / "step_1"))
+        gated, ckpt = _held_async_save(monkeypatch, tmp_path)
         try:
             assert ckpt.is_pending
             gated.release.release()
@@ -270,10 +276,7 @@ class TestAsyncCheckpointer:
             ckpt.close()
 
     def test_save_waits_for_previous(self, monkeypatch, tmp_path):
-        gated = _GatedSave()
-        monkeypatch.setattr("kempnerforge.checkpoint.async_save.dcp.save", gated)
-        ckpt = AsyncCheckpointer(mode=AsyncCheckpointMode.async_)
-        ckpt.save({"model": {}}, checkpoint_id=str(tmp_path / "step_1"))
+        gated, ckpt = _held_async_save(monkeypatch, tmp_path)
         gated.release.release()  # the first may finish; the second save must wait for it
         ckpt.save({"model": {}}, checkpoint_id=str(tmp_path / "step_2"))
         try:
@@ -756,57 +759,52 @@ class TestAsyncLatestSymlinkSafety:
 
 
 class TestSyncBarrierGroup:
-    def test_sync_group_none_when_not_distributed(self, tmp_path, monkeypatch):
-        import kempnerforge.checkpoint.manager as mgr_mod
+    """``torch.distributed`` is patched as a module, so whichever checkpoint module issues the
+    collective sees the stand-in (nothing real runs a multi-rank group in one process)."""
 
+    def test_sync_group_none_when_not_distributed(self, tmp_path, monkeypatch):
         def no_group(*a, **k):
             raise AssertionError("a process group was created without torch.distributed")
 
-        monkeypatch.setattr(mgr_mod.dist, "new_group", no_group)
+        monkeypatch.setattr(dist, "new_group", no_group)
         _linear_mgr(tmp_path)
 
     def test_sync_barrier_noop_when_not_distributed(self, tmp_path, monkeypatch):
-        import kempnerforge.checkpoint.manager as mgr_mod
-
         def no_collective(*a, **k):
             raise AssertionError("collective issued in a single process")
 
         for name in ("barrier", "broadcast_object_list", "gather_object"):
-            monkeypatch.setattr(mgr_mod.dist, name, no_collective)
+            monkeypatch.setattr(dist, name, no_collective)
         mgr = _linear_mgr(tmp_path)
         mgr.save(step=1)
         mgr.wait()
         assert mgr.load()[0] == 1
 
     def test_init_creates_dedicated_gloo_group(self, tmp_path, monkeypatch):
-        import kempnerforge.checkpoint.manager as mgr_mod
-
         calls = {}
 
         def fake_new_group(*args, backend=None, **kwargs):
             calls["backend"] = backend
             return "SENTINEL_GLOO_GROUP"
 
-        monkeypatch.setattr(mgr_mod.dist, "is_initialized", lambda: True)
-        monkeypatch.setattr(mgr_mod.dist, "new_group", fake_new_group)
-        monkeypatch.setattr(mgr_mod.dist, "get_rank", lambda *a, **k: 0)
-        monkeypatch.setattr(mgr_mod.dist, "get_world_size", lambda *a, **k: 1)
+        monkeypatch.setattr(dist, "is_initialized", lambda: True)
+        monkeypatch.setattr(dist, "new_group", fake_new_group)
+        monkeypatch.setattr(dist, "get_rank", lambda *a, **k: 0)
+        monkeypatch.setattr(dist, "get_world_size", lambda *a, **k: 1)
         _linear_mgr(tmp_path)
         assert calls["backend"] == "gloo"
 
     def test_sync_barrier_uses_dedicated_group_not_default(self, tmp_path, monkeypatch):
-        import kempnerforge.checkpoint.manager as mgr_mod
-
         groups = []
 
         def fake_bcast(objs, src=0, group=None, **kw):
             groups.append(group)
 
-        monkeypatch.setattr(mgr_mod.dist, "is_initialized", lambda: True)
-        monkeypatch.setattr(mgr_mod.dist, "new_group", lambda *a, **k: "GLOO_PG")
-        monkeypatch.setattr(mgr_mod.dist, "get_rank", lambda *a, **k: 0)
-        monkeypatch.setattr(mgr_mod.dist, "get_world_size", lambda *a, **k: 1)
-        monkeypatch.setattr(mgr_mod.dist, "broadcast_object_list", fake_bcast)
+        monkeypatch.setattr(dist, "is_initialized", lambda: True)
+        monkeypatch.setattr(dist, "new_group", lambda *a, **k: "GLOO_PG")
+        monkeypatch.setattr(dist, "get_rank", lambda *a, **k: 0)
+        monkeypatch.setattr(dist, "get_world_size", lambda *a, **k: 1)
+        monkeypatch.setattr(dist, "broadcast_object_list", fake_bcast)
         _linear_mgr(tmp_path).peek_saved_step()
         assert groups and all(g == "GLOO_PG" for g in groups)
 
@@ -821,20 +819,20 @@ class TestCheckpointManagerLoad:
         model = tiny_gpt(0)
         opt = lazy_adamw(model)
         train_steps(model, opt, 3)
-        ref = moments(opt)
+        ref = adam_moments(opt)
         assert ref and any(ea.abs().sum().item() > 0 for ea, _ in ref)
         ckpt_dir = str(tmp_path / "ckpt")
         CheckpointManager(CheckpointConfig(dir=ckpt_dir), model, opt).save(step=3)
 
         model2 = tiny_gpt(1)
         opt2 = lazy_adamw(model2)
-        assert not moments(opt2)
+        assert not adam_moments(opt2), "fresh optimizer should have empty state before load"
         CheckpointManager(CheckpointConfig(dir=ckpt_dir), model2, opt2).load()
-        loaded = moments(opt2)
+        loaded = adam_moments(opt2)
         assert loaded, "optimizer moments not restored"
         for (rea, rev), (lea, lev) in zip(ref, loaded, strict=True):
-            assert torch.equal(rea, lea)
-            assert torch.equal(rev, lev)
+            assert torch.equal(rea, lea), "exp_avg not restored bit-exactly"
+            assert torch.equal(rev, lev), "exp_avg_sq not restored bit-exactly"
 
     def test_load_excludes_optimizer(self, tmp_path):
         model = tiny_gpt(0)
@@ -854,13 +852,15 @@ class TestCheckpointManagerLoad:
             if not torch.equal(ref_weights[n], pre_load[n]):  # LayerNorm init is seed-independent
                 assert not torch.equal(pre_load[n], p), f"{n} was not loaded"
             assert torch.equal(ref_weights[n], p), f"{n} mismatch vs saved"
-        assert not moments(opt2), "optimizer should remain empty with exclude_keys=['optimizer']"
+        assert not adam_moments(opt2), (
+            "optimizer should remain empty with exclude_keys=['optimizer']"
+        )
 
     def test_load_excludes_model(self, tmp_path):
         model = tiny_gpt(0)
         opt = lazy_adamw(model)
         train_steps(model, opt, 3)
-        ref_moments = moments(opt)
+        ref_moments = adam_moments(opt)
         ckpt_dir = str(tmp_path / "ckpt")
         CheckpointManager(CheckpointConfig(dir=ckpt_dir), model, opt).save(step=3)
 
@@ -870,7 +870,7 @@ class TestCheckpointManagerLoad:
         CheckpointManager(CheckpointConfig(dir=ckpt_dir), model2, opt2).load(exclude_keys=["model"])
         for n, p in model2.named_parameters():
             assert torch.equal(pre_load[n], p), f"{n} should not have changed"
-        loaded = moments(opt2)
+        loaded = adam_moments(opt2)
         assert loaded, "optimizer moments should load with exclude_keys=['model']"
         for (rea, rev), (lea, lev) in zip(ref_moments, loaded, strict=True):
             assert torch.equal(rea, lea)

@@ -11,12 +11,11 @@ by the checkpoint module's test pause hook at the same place (rank 0's train-sta
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers.torchrun import check_scenario, torchrun
 
 pytestmark = pytest.mark.distributed
 
@@ -33,43 +32,22 @@ SHARED = [
 HANG_TIMEOUT_S = 5
 
 
-def torchrun(
-    scenarios: list[str], out: Path, pg_timeout_s: int = 60
-) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(WORKER),
-        ",".join(scenarios),
-        str(out),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "COMPAT_PG_TIMEOUT_S": str(pg_timeout_s)}
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-
-
-def _check(out: Path, name: str, proc: subprocess.CompletedProcess) -> None:
-    if (out / f"{name}.ok").exists():
-        return
-    errs = "\n".join(p.read_text() for p in sorted(out.glob(f"{name}.err.*")))
-    pytest.fail(f"{name} failed:\n{errs or proc.stdout[-3000:] + proc.stderr[-5000:]}")
+def _launch(scenarios: list[str], out: Path, pg_timeout_s: int = 60) -> subprocess.CompletedProcess:
+    return torchrun(WORKER, scenarios, out, env={"COMPAT_PG_TIMEOUT_S": str(pg_timeout_s)})
 
 
 @pytest.fixture(scope="module")
 def shared_run(tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("orig_dist")
-    return out, torchrun(SHARED, out)
+    return out, _launch(SHARED, out)
 
 
 @pytest.mark.parametrize("name", SHARED)
 def test_scenario(shared_run, name: str) -> None:
     out, proc = shared_run
-    _check(out, name, proc)
+    check_scenario(out, name, proc)
 
 
 def test_load_does_not_hang_on_divergent_exists(tmp_path: Path) -> None:
     name = "load_does_not_hang_on_divergent_exists"
-    proc = torchrun([name], tmp_path, pg_timeout_s=HANG_TIMEOUT_S)
-    _check(tmp_path, name, proc)
+    check_scenario(tmp_path, name, _launch([name], tmp_path, pg_timeout_s=HANG_TIMEOUT_S))

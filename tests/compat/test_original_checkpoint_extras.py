@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _original_format import original_train_state, write_original_checkpoint
+from helpers.original_format import original_train_state, write_original_checkpoint
 
 
 def _extras_reader():

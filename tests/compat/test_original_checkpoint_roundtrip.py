@@ -1,6 +1,9 @@
 """The original KempnerForge's ``tests/integration/test_checkpoint_roundtrip.py``, ported.
 
-Source: the newest stored version (eight tests, the last three through ``CheckpointManager``).
+Source: the newest stored version (eight tests). Its last three, through ``CheckpointManager``
+(moments restored; ``exclude_keys`` of the optimizer, of the model), are the same tests as the
+original unit tests' ``TestCheckpointManagerLoad``: they run once, in
+``test_original_checkpoint.py``.
 The original's ``Transformer``/``build_optimizer``/``build_scheduler`` are this project's
 ``GPT``, a plain ``torch.optim.AdamW`` (lazy state, as the original's optimizer had; our
 ``build_optimizer`` pre-creates it) and a ``LambdaLR`` warmup+cosine (what the original's
@@ -13,16 +16,14 @@ import math
 
 import pytest
 import torch
-from _compat_common import TINY, lazy_adamw, moments, tiny_gpt, train_steps
+from _compat_common import TINY, lazy_adamw, tiny_gpt, train_steps
 
 from kempnerforge.checkpoint import (
-    CheckpointManager,
     build_train_state,
     get_rng_state,
     restore_train_state,
     set_rng_state,
 )
-from kempnerforge.config import CheckpointConfig
 
 # DCP warns on each single-process save/load; that is the point here.
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
@@ -119,59 +120,3 @@ class TestCheckpointRoundtrip:
             opt2.step()
             opt2.zero_grad()
         assert abs(ref_loss - loss.item()) < 1e-4
-
-    def test_manager_restores_optimizer_moments_single_gpu(self, tmp_path):
-        model = tiny_gpt(0)
-        opt = lazy_adamw(model)
-        train_steps(model, opt, 3)
-        ref = moments(opt)
-        assert ref and any(ea.abs().sum().item() > 0 for ea, _ in ref)
-        ckpt_dir = str(tmp_path / "ckpt")
-        CheckpointManager(CheckpointConfig(dir=ckpt_dir), model, opt).save(step=3)
-        model2 = tiny_gpt(1)
-        opt2 = lazy_adamw(model2)
-        assert not moments(opt2), "fresh optimizer should have empty state before load"
-        CheckpointManager(CheckpointConfig(dir=ckpt_dir), model2, opt2).load()
-        loaded = moments(opt2)
-        assert loaded, "optimizer moments not restored via manager"
-        for (rea, rev), (lea, lev) in zip(ref, loaded, strict=True):
-            assert torch.equal(rea, lea), "exp_avg not restored bit-exactly"
-            assert torch.equal(rev, lev), "exp_avg_sq not restored bit-exactly"
-
-    def test_manager_load_excludes_optimizer(self, tmp_path):
-        model = tiny_gpt(0)
-        opt = lazy_adamw(model)
-        train_steps(model, opt, 3)
-        ref_weights = {n: p.clone() for n, p in model.named_parameters()}
-        ckpt_dir = str(tmp_path / "ckpt")
-        CheckpointManager(CheckpointConfig(dir=ckpt_dir), model, opt).save(step=3)
-        model2 = tiny_gpt(99)
-        opt2 = lazy_adamw(model2)
-        pre_load = {n: p.clone() for n, p in model2.named_parameters()}
-        CheckpointManager(CheckpointConfig(dir=ckpt_dir), model2, opt2).load(
-            exclude_keys=["optimizer"]
-        )
-        for n, p in model2.named_parameters():
-            if not torch.equal(ref_weights[n], pre_load[n]):
-                assert not torch.equal(pre_load[n], p), f"{n} was not loaded"
-            assert torch.equal(ref_weights[n], p), f"{n} mismatch vs saved"
-        assert not moments(opt2)
-
-    def test_manager_load_excludes_model(self, tmp_path):
-        model = tiny_gpt(0)
-        opt = lazy_adamw(model)
-        train_steps(model, opt, 3)
-        ref_moments = moments(opt)
-        ckpt_dir = str(tmp_path / "ckpt")
-        CheckpointManager(CheckpointConfig(dir=ckpt_dir), model, opt).save(step=3)
-        model2 = tiny_gpt(99)
-        opt2 = lazy_adamw(model2)
-        pre_load = {n: p.clone() for n, p in model2.named_parameters()}
-        CheckpointManager(CheckpointConfig(dir=ckpt_dir), model2, opt2).load(exclude_keys=["model"])
-        for n, p in model2.named_parameters():
-            assert torch.equal(pre_load[n], p), f"{n} should not have changed"
-        loaded = moments(opt2)
-        assert loaded
-        for (rea, rev), (lea, lev) in zip(ref_moments, loaded, strict=True):
-            assert torch.equal(rea, lea)
-            assert torch.equal(rev, lev)

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from _compat_common import captured_logs, messages
-from _original_format import write_original_checkpoint
+from helpers.original_format import write_original_checkpoint
 
 from kempnerforge.checkpoint import CheckpointManager
 from kempnerforge.config import CheckpointConfig
@@ -82,7 +82,7 @@ class TestLoadTrainStateOwnershipGate:
     def test_warns_on_group_writable(self, tmp_path: Path) -> None:
         ckpt_dir = _benign_checkpoint(tmp_path, step=1, tokens_seen=1)
         tmp_path.chmod(tmp_path.stat().st_mode | stat.S_IWGRP)
-        with captured_logs("kempnerforge.checkpoint") as records:
+        with captured_logs() as records:
             _manager(tmp_path).load(path=str(ckpt_dir))
         assert any("group" in m and "writable" in m for m in messages(records)), (
             "expected a warning about a group-writable checkpoint"
@@ -91,7 +91,7 @@ class TestLoadTrainStateOwnershipGate:
     def test_no_warning_on_private_mode(self, tmp_path: Path) -> None:
         ckpt_dir = _benign_checkpoint(tmp_path, step=1, tokens_seen=1)
         tmp_path.chmod(0o700)
-        with captured_logs("kempnerforge.checkpoint") as records:
+        with captured_logs() as records:
             _manager(tmp_path).load(path=str(ckpt_dir))
         assert not any("group" in m and "writable" in m for m in messages(records))
 

@@ -1,8 +1,8 @@
 """The original's on-disk format: the helper against the fixture, and resuming such checkpoints.
 
-``../shared/fixtures/kf-original`` (beside the checkout) is a checkpoint the original package wrote (5666d0d, see its
-README). The first tests check that ``_original_format.write_original_checkpoint`` writes the
-same kind of files (names, DCP keys/shapes/dtypes, ``train_state.pt`` records, pickle globals,
+``tests/fixtures/kf-original`` is a checkpoint the original package wrote (5666d0d, see its
+README). The first tests check that ``helpers.original_format.write_original_checkpoint`` writes
+the same kind of files (names, DCP keys/shapes/dtypes, ``train_state.pt`` records, pickle globals,
 ``metadata.json`` bytes), so tests can make more such checkpoints than the one fixture. The
 rest resume checkpoints in that layout through ``CheckpointManager`` (exact state, RNG included):
 they fail until this project reads the original's layout.
@@ -15,12 +15,12 @@ import os
 
 import pytest
 import torch
-from _original_format import (
-    FIXTURE,
-    copy_fixture,
+from helpers.kf_original import CHECKPOINTS, EXPECTED, copy_kf_original, latest_target
+from helpers.original_format import (
     dcp_keys,
     files_under,
     pickle_globals,
+    point_latest,
     write_original_checkpoint,
     zip_entries,
 )
@@ -72,30 +72,30 @@ def helper_ckpt(tmp_path):
 
 class TestHelperMatchesFixture:
     def test_same_files(self, helper_ckpt):
-        fixture = [f.replace(" -> link", "") for f in files_under(FIXTURE / "checkpoints")]
+        fixture = [f.replace(" -> link", "") for f in files_under(CHECKPOINTS)]
         ours = [f.replace(" -> link", "") for f in files_under(helper_ckpt)]
         assert ours == fixture
-        assert os.readlink(helper_ckpt / "latest") == "step_12"
-        assert (FIXTURE / "checkpoints" / "latest").read_text().strip() == "step_12"
+        assert os.readlink(helper_ckpt / "latest") == "step_12"  # the original made a symlink
+        assert latest_target(CHECKPOINTS) == "step_12"  # a link, or a file naming it
 
     def test_same_dcp_keys_shapes_dtypes(self, helper_ckpt):
-        assert dcp_keys(helper_ckpt / "step_12") == dcp_keys(FIXTURE / "checkpoints" / "step_12")
+        assert dcp_keys(helper_ckpt / "step_12") == dcp_keys(CHECKPOINTS / "step_12")
 
     def test_same_metadata_json_bytes(self, helper_ckpt):
         ours = (helper_ckpt / "step_12" / "metadata.json").read_bytes()
-        assert ours == (FIXTURE / "checkpoints" / "step_12" / "metadata.json").read_bytes()
+        assert ours == (CHECKPOINTS / "step_12" / "metadata.json").read_bytes()
         assert json.loads(ours) == {"step": 12, "tokens_seen": 9000}
 
     def test_same_train_state_records_and_globals(self, helper_ckpt):
         ours = helper_ckpt / "step_12" / "train_state.pt"
-        theirs = FIXTURE / "checkpoints" / "step_12" / "train_state.pt"
+        theirs = CHECKPOINTS / "step_12" / "train_state.pt"
         assert zip_entries(ours) == zip_entries(theirs)
         assert pickle_globals(theirs) == FIXTURE_GLOBALS
         assert pickle_globals(ours) == pickle_globals(theirs)
 
     def test_same_train_state_structure(self, helper_ckpt):
         ours = torch.load(helper_ckpt / "step_12" / "train_state.pt", weights_only=False)
-        theirs = torch.load(FIXTURE / "checkpoints/step_12/train_state.pt", weights_only=False)
+        theirs = torch.load(CHECKPOINTS / "step_12/train_state.pt", weights_only=False)
         assert list(ours) == list(theirs) == ["step", "tokens_seen", "rng", "scheduler", "phase"]
         assert list(ours["rng"]) == list(theirs["rng"]) == ["python", "numpy", "torch_cpu"]
         assert type(ours["rng"]["numpy"]) is type(theirs["rng"]["numpy"]) is tuple
@@ -105,21 +105,35 @@ class TestHelperMatchesFixture:
     def test_train_state_needs_more_than_weights_only(self):
         """The fixture's train_state.pt is not loadable with weights_only=True (numpy globals)."""
         with pytest.raises(Exception, match=r"(?i)weights_only|unsupported global"):
-            torch.load(FIXTURE / "checkpoints/step_12/train_state.pt", weights_only=True)
+            torch.load(CHECKPOINTS / "step_12/train_state.pt", weights_only=True)
+
+
+def _fixture_copy(tmp_path, latest: str):
+    """A writable copy of the fixture with ``latest`` as the original made it (a symlink) or as a
+    regular file naming the step (how it survives an archive without links)."""
+    root = copy_kf_original(tmp_path / "checkpoints")
+    point_latest(root, latest_target(root), kind=latest)
+    assert (root / "latest").is_symlink() is (latest == "symlink")
+    return root
+
+
+LATEST_FORMS = pytest.mark.parametrize("latest", ["symlink", "file"])
 
 
 class TestResumeOriginalLayout:
-    def test_peek_saved_step_on_fixture(self, tmp_path):
-        root = copy_fixture(tmp_path)
+    @LATEST_FORMS
+    def test_peek_saved_step_on_fixture(self, tmp_path, latest):
+        root = _fixture_copy(tmp_path, latest)
         model, opt, _ = _readme_recipe()
         assert (
             CheckpointManager(CheckpointConfig(dir=str(root)), model, opt).peek_saved_step() == 12
         )
 
-    def test_resume_fixture_exactly(self, tmp_path):
+    @LATEST_FORMS
+    def test_resume_fixture_exactly(self, tmp_path, latest):
         """Weights, AdamW moments, scheduler, step/tokens/extra and the torch RNG as saved."""
-        root = copy_fixture(tmp_path)
-        expected = torch.load(FIXTURE / "expected.pt", weights_only=True)
+        root = _fixture_copy(tmp_path, latest)
+        expected = torch.load(EXPECTED, weights_only=True)
         model, opt, sched = _readme_recipe(seed=7)
         mgr = CheckpointManager(CheckpointConfig(dir=str(root)), model, opt)
         assert mgr.load(scheduler=sched) == (12, 9000, {"phase": 1})

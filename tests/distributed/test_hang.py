@@ -3,7 +3,8 @@
 Both ranks stop making step progress (rank 1 sleeps inside its step, rank 0 waits for it in the
 gradient all-reduce); each rank's watchdog dumps every thread's stack into the log and exits,
 rank 0 after asking the requeue guard for another run (77), and the guard stops a run that
-hangs again at the same step (76).
+hangs again at the same step (76). The loop is ``helpers/hang_script.py``, which the SLURM tier
+runs on the cluster too.
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ import os
 import re
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
+from helpers import hang_script
 
 from kempnerforge.resilience.watchdog import HangWatchdog
 
@@ -24,36 +25,6 @@ pytestmark = pytest.mark.distributed
 
 HANG_AT = 6
 THRESHOLD_S = 4.0
-
-SCRIPT = textwrap.dedent(
-    """
-    import os, sys, time, torch, torch.distributed as dist, torch.nn as nn
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    from kempnerforge.checkpoint import CheckpointManager
-    from kempnerforge.config import CheckpointConfig
-    from kempnerforge.resilience.config import ResilienceConfig
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    torch.manual_seed(0)
-    model = nn.Linear(8, 8)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    res = ResilienceConfig(hang_timeout_s=float(sys.argv[2]), max_requeues_without_progress=1)
-    mgr = CheckpointManager(CheckpointConfig(dir=sys.argv[1], interval=4), model, opt, resilience=res)
-    step, _, _ = mgr.resume()
-    ddp = DDP(model)
-    while step < 20:
-        if rank == 1 and step + 1 == int(sys.argv[3]):
-            print("rank 1 blocks inside step", step + 1, flush=True)
-            time.sleep(3600)
-        ddp(torch.randn(4, 8)).sum().backward()
-        opt.step()
-        opt.zero_grad()
-        step += 1
-        if mgr.maybe_save(step):
-            sys.exit(mgr.exit_code)
-    mgr.close()
-    """
-)
 
 
 def _run(tmp_path: Path, port: int, restart: int) -> tuple[list[int], str, float]:
@@ -66,7 +37,12 @@ def _run(tmp_path: Path, port: int, restart: int) -> tuple[list[int], str, float
         KEMPNERFORGE_JOB_ID="hang-test",
         KEMPNERFORGE_RESTART_COUNT=str(restart),
     )
-    cmd = [sys.executable, "-c", SCRIPT, str(tmp_path / "ckpt"), str(THRESHOLD_S), str(HANG_AT)]
+    cmd = [
+        sys.executable,
+        *hang_script.command(
+            tmp_path / "ckpt", THRESHOLD_S, hang_at=HANG_AT, max_requeues_without_progress=1
+        ),
+    ]
     t0 = time.monotonic()
     procs = [
         subprocess.Popen(
@@ -90,9 +66,9 @@ def test_blocked_rank_is_detected_with_stacks_then_the_guard_stops_it(tmp_path: 
     assert re.search(r"kempnerforge hang: rank=0 no step progress for \d+s after step 5", log)
     assert "requeue=granted exit=77" in log
     assert "kempnerforge hang: rank=1" in log
-    # faulthandler's dump of every thread, with the sleeping line of rank 1's script
+    # faulthandler's dump of every thread, with the line rank 1 sleeps on
     assert log.count("Thread 0x") >= 2
-    assert re.search(r'File "<string>", line \d+ in <module>', log), log[-3000:]
+    assert re.search(r'hang_script\.py", line \d+ in block_inside_step', log), log[-3000:]
     # the same hang at the same step again: no progress since the last requeue -> the guard
     # allows one stall (max_requeues_without_progress=1), then refuses
     codes, log, _ = _run(tmp_path, 29741, 1)

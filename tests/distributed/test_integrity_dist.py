@@ -9,12 +9,10 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers.torchrun import check_scenario, torchrun
 
 pytestmark = pytest.mark.distributed
 
@@ -22,14 +20,7 @@ WORKER = Path(__file__).parent / "workers" / "integrity_worker.py"
 
 
 def _run(name: str, out: Path) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run(
-        [*cmd, str(WORKER), name, str(out)], env=env, capture_output=True, text=True, timeout=180
-    )
-    if not (out / f"{name}.ok").exists():
-        errs = "\n".join(f.read_text() for f in sorted(out.glob(f"{name}.err.*")))
-        pytest.fail(f"{name}:\n{errs or p.stdout[-3000:] + p.stderr[-4000:]}")
+    check_scenario(out, name, torchrun(WORKER, [name], out, timeout_s=180))
 
 
 def test_a_rank_missing_its_train_state_makes_every_rank_raise(tmp_path: Path) -> None:

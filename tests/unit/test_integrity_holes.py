@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -21,13 +20,12 @@ import pytest
 import torch
 import torch.nn as nn
 from _reliability_fixtures import shard_file, tiny_model, write_checkpoint
+from helpers.kf_original import copy_kf_original
 
 from kempnerforge.checkpoint import CheckpointManager, resolve, storage
 from kempnerforge.checkpoint.lock import read_holder
 from kempnerforge.cli import main as cli
 from kempnerforge.config import CheckpointConfig
-
-FIXTURE = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "kf-original"
 
 
 def _mgr(d: Path, **kw) -> CheckpointManager:
@@ -62,16 +60,16 @@ PARENT = textwrap.dedent(
     import torch, torch.nn as nn
     from kempnerforge.checkpoint import CheckpointManager
     from kempnerforge.config import CheckpointConfig
-    own, shared, job = sys.argv[1], sys.argv[2], sys.argv[3]
+    own, jobs_dir, job = sys.argv[1], sys.argv[2], sys.argv[3]
     # A driver that used the library in-process first (an initial checkpoint of its own).
     m = nn.Linear(4, 2)
     mgr = CheckpointManager(CheckpointConfig(dir=own), m, torch.optim.SGD(m.parameters(), lr=0.1))
     mgr.resume()
     mgr.save(1)
     mgr.close()
-    a = subprocess.Popen([sys.executable, "-c", job, shared, "10", "60"], stdout=subprocess.PIPE, text=True)
+    a = subprocess.Popen([sys.executable, "-c", job, jobs_dir, "10", "60"], stdout=subprocess.PIPE, text=True)
     assert a.stdout.readline().startswith("SAVED")
-    b = subprocess.run([sys.executable, "-c", job, shared, "20", "0"], capture_output=True, text=True)
+    b = subprocess.run([sys.executable, "-c", job, jobs_dir, "20", "0"], capture_output=True, text=True)
     a.kill()
     a.wait()
     print("B", b.returncode, b.stdout.strip(), flush=True)
@@ -92,9 +90,9 @@ def _clean_env() -> dict[str, str]:
 def test_parent_that_used_the_library_does_not_make_its_children_one_job(tmp_path: Path) -> None:
     """A parent saves a checkpoint of its own in-process, then starts job A and job B on one
     directory: B is refused before it writes anything, and the message names A."""
-    shared = tmp_path / "shared"
+    jobs_dir = tmp_path / "jobs"
     res = subprocess.run(
-        [sys.executable, "-c", PARENT, str(tmp_path / "own"), str(shared), JOB],
+        [sys.executable, "-c", PARENT, str(tmp_path / "own"), str(jobs_dir), JOB],
         capture_output=True,
         text=True,
         timeout=240,
@@ -104,7 +102,7 @@ def test_parent_that_used_the_library_does_not_make_its_children_one_job(tmp_pat
     line = res.stdout.strip().splitlines()[-1]
     assert line.startswith("B 3 REFUSED CheckpointDirLockedError"), line
     assert "locked by job" in line and "pid" in line
-    left = sorted(p.name for p in shared.iterdir() if not p.name.startswith(".lock"))
+    left = sorted(p.name for p in jobs_dir.iterdir() if not p.name.startswith(".lock"))
     assert left == ["latest", "step_10"]  # nothing of B's: no temp dir, no step_20
 
 
@@ -189,12 +187,11 @@ def _fixtures(root: Path) -> dict[str, Path]:
     mgr.save(3)
     mgr.close()
 
-    if FIXTURE.is_dir():
-        d = fresh("original_layout")
-        shutil.copytree(FIXTURE / "checkpoints", d, symlinks=True)
-        for p in d.rglob("*"):
+    d = copy_kf_original(fresh("original_layout"))  # what the original package wrote
+    for p in d.rglob("*"):
+        if not p.is_symlink():
             p.chmod(0o700 if p.is_dir() else 0o600)
-        d.chmod(0o700)
+    d.chmod(0o700)
 
     d = fresh("latest_is_a_file")
     write_checkpoint(d, 5, *tiny_model(0), move_latest=False)

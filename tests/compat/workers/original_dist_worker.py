@@ -1,35 +1,30 @@
 """torchrun worker for the port of the original's tests/distributed/test_checkpoint.py.
 
-Usage: torchrun --standalone --nproc_per_node=2 original_dist_worker.py SCENARIO[,...] OUTDIR
+Usage (``tests/`` on ``PYTHONPATH``, as :func:`helpers.torchrun.torchrun` sets it)::
+
+    torchrun --standalone --nproc_per_node=2 original_dist_worker.py SCENARIO[,...] OUTDIR
 
 The original ran on 4 CUDA GPUs with its Transformer under FSDP2; here: this project's GPT under
-FSDP2 on gloo/CPU, 2 ranks. Each scenario asserts its expectations; when they held on every
-rank, ``OUTDIR/<scenario>.ok`` appears. A failing scenario writes ``<scenario>.err.<rank>`` and
-the remaining ones still run (their collectives stay matched: each scenario ends in a barrier
-only after every rank caught its own exception).
+FSDP2 on gloo/CPU, 2 ranks. Each scenario asserts its expectations in its own directory
+``OUTDIR/<scenario>``; ``OUTDIR/<scenario>.ok`` appears when they held on every rank. A failing
+scenario writes ``<scenario>.err.<rank>`` and the remaining ones still run
+(``helpers.dist_worker.run_scenarios`` with ``keep_going``), so each ported test reports alone.
 """
 
 from __future__ import annotations
 
-import datetime
-import gc
-import logging
 import os
 import sys
-import tempfile
 import time
-import traceback
 from pathlib import Path
-from unittest.mock import patch
 
 import torch
 import torch.distributed as dist
+from helpers.dist_worker import load_errors, unseen_paths, worker_main
+from helpers.optim import adam_moments
+from helpers.original_format import original_rng_state, point_latest
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/compat
-
-from _original_format import original_rng_state, point_latest
 
 from kempnerforge.checkpoint import CheckpointManager
 from kempnerforge.checkpoint.storage import PAUSE_ENV
@@ -64,25 +59,9 @@ def train(model: torch.nn.Module, opt: torch.optim.Optimizer, n: int) -> None:
         opt.zero_grad()
 
 
-def shared_dir(out: Path, name: str) -> str:
-    d = [tempfile.mkdtemp(dir=out, prefix=f"{name}-") if dist.get_rank() == 0 else ""]
-    dist.broadcast_object_list(d, src=0)
-    return d[0]
-
-
-def moments(opt: torch.optim.Optimizer) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    out = []
-    for group in opt.param_groups:
-        for p in group["params"]:
-            st = opt.state.get(p, {})
-            if "exp_avg" in st:
-                out.append((st["exp_avg"].to_local().clone(), st["exp_avg_sq"].to_local().clone()))
-    return out
-
-
 # ----------------------------------------------------------------------------- scenarios
-def scenario_save_load_fsdp(out: Path) -> None:
-    ckpt = shared_dir(out, "save_load")
+def scenario_save_load_fsdp(work: Path) -> None:
+    ckpt = str(work)
     model = fsdp_gpt(42)
     opt = adamw(model)
     train(model, opt, 1)
@@ -100,29 +79,29 @@ def scenario_save_load_fsdp(out: Path) -> None:
     assert torch.allclose(ref, restored, atol=1e-5), (ref - restored).abs().max().item()
 
 
-def scenario_resume_restores_optimizer_moments(out: Path) -> None:
-    ckpt = shared_dir(out, "moments")
+def scenario_resume_restores_optimizer_moments(work: Path) -> None:
+    ckpt = str(work)
     model = fsdp_gpt(42)
     opt = adamw(model)
     train(model, opt, 3)
-    ref = moments(opt)
+    ref = adam_moments(opt)
     assert ref and any(ea.abs().sum().item() > 0 for ea, _ in ref)
     CheckpointManager(CheckpointConfig(dir=ckpt, keep_last_n=2), model, opt).save(
         step=3, tokens_seen=192
     )
     model2 = fsdp_gpt(42)
     opt2 = adamw(model2)
-    assert not moments(opt2), "fresh optimizer should be empty before load"
+    assert not adam_moments(opt2), "fresh optimizer should be empty before load"
     CheckpointManager(CheckpointConfig(dir=ckpt, keep_last_n=2), model2, opt2).load()
-    loaded = moments(opt2)
+    loaded = adam_moments(opt2)
     assert len(loaded) == len(ref), "optimizer moments not restored"
     for i, ((rea, rev), (lea, lev)) in enumerate(zip(ref, loaded, strict=True)):
         assert torch.equal(rea, lea), f"param {i}: exp_avg"
         assert torch.equal(rev, lev), f"param {i}: exp_avg_sq"
 
 
-def scenario_latest_symlink(out: Path) -> None:
-    ckpt = shared_dir(out, "latest")
+def scenario_latest_symlink(work: Path) -> None:
+    ckpt = str(work)
     model = fsdp_gpt(0)
     mgr = CheckpointManager(CheckpointConfig(dir=ckpt, keep_last_n=3), model, adamw(model))
     mgr.save(step=10)
@@ -133,9 +112,9 @@ def scenario_latest_symlink(out: Path) -> None:
         assert latest.resolve().name == "step_20"
 
 
-def scenario_save_waits_for_rank0_writes(out: Path) -> None:
+def scenario_save_waits_for_rank0_writes(work: Path) -> None:
     """Rank 0 is slowed inside its train-state write (the original slowed its torch.save)."""
-    ckpt = shared_dir(out, "barrier")
+    ckpt = str(work)
     model = fsdp_gpt(0)
     mgr = CheckpointManager(CheckpointConfig(dir=ckpt, keep_last_n=2), model, adamw(model))
     sleep_s = 0.5
@@ -154,45 +133,30 @@ def scenario_save_waits_for_rank0_writes(out: Path) -> None:
     assert (step_dir / "metadata.json").exists(), "metadata.json not visible after save()"
 
 
-def scenario_load_does_not_hang_on_divergent_exists(out: Path) -> None:
+def scenario_load_does_not_hang_on_divergent_exists(work: Path) -> None:
     """Non-zero ranks see the train-state file as missing (attribute-cache skew): the load must
     not deadlock. The original's test skewed Path.exists for train_state.pt; here the skew
     covers both names and is_file, whichever the load consults. Adapted: the original read one
     train state on rank 0 and broadcast it, so the skew went unnoticed; here every rank reads
     its own, so the ranks agree before the collective load and all raise the same error."""
-    ckpt = shared_dir(out, "divergent")
+    ckpt = str(work)
     rank = dist.get_rank()
     model = fsdp_gpt(0)
     mgr = CheckpointManager(CheckpointConfig(dir=ckpt, keep_last_n=2), model, adamw(model))
     mgr.save(step=1, tokens_seen=100)
     dist.barrier()
-    real_exists, real_is_file = Path.exists, Path.is_file
 
-    def skewed(real):
-        def check(self, *a, **k):
-            if rank != 0 and (self.name == "train_state.pt" or self.parent.name == "train_state"):
-                return False
-            return real(self, *a, **k)
+    def skewed(path: Path) -> bool:
+        return rank != 0 and (path.name == "train_state.pt" or path.parent.name == "train_state")
 
-        return check
-
-    with (
-        patch.object(Path, "exists", skewed(real_exists)),
-        patch.object(Path, "is_file", skewed(real_is_file)),
-    ):
-        try:
-            mgr.load()
-            raised = ""
-        except FileNotFoundError as e:
-            raised = str(e)
-    seen: list = [None] * dist.get_world_size()
-    dist.all_gather_object(seen, raised)
+    with unseen_paths(skewed):
+        raised, seen = load_errors(mgr.load)
     assert "rank 1 cannot see" in raised, f"rank {rank}: {raised!r}"
     assert len(set(seen)) == 1, f"ranks raised different errors: {seen}"
 
 
-def scenario_latest_only_resolves_to_durable_checkpoints(out: Path) -> None:
-    ckpt = shared_dir(out, "durable")
+def scenario_latest_only_resolves_to_durable_checkpoints(work: Path) -> None:
+    ckpt = str(work)
     rank = dist.get_rank()
     model = fsdp_gpt(0)
     cfg = CheckpointConfig(dir=ckpt, keep_last_n=3, async_mode=AsyncCheckpointMode.async_pinned)
@@ -211,10 +175,10 @@ def scenario_latest_only_resolves_to_durable_checkpoints(out: Path) -> None:
     assert step == 40, f"rank {rank}: resumed at {step}"
 
 
-def scenario_resume_falls_back_when_latest_incomplete(out: Path) -> None:
+def scenario_resume_falls_back_when_latest_incomplete(work: Path) -> None:
     """Rank 0 fabricates step_2 as the original's interrupted async flush left it (train_state.pt
     + metadata.json, no DCP .metadata) and repoints latest at it: resume uses step_1."""
-    ckpt = shared_dir(out, "fallback")
+    ckpt = str(work)
     rank = dist.get_rank()
     model = fsdp_gpt(0)
     mgr = CheckpointManager(CheckpointConfig(dir=ckpt, keep_last_n=5), model, adamw(model))
@@ -233,8 +197,8 @@ def scenario_resume_falls_back_when_latest_incomplete(out: Path) -> None:
     assert tokens_seen == 64
 
 
-def scenario_back_to_back_async_saves_do_not_deadlock(out: Path) -> None:
-    ckpt = shared_dir(out, "b2b")
+def scenario_back_to_back_async_saves_do_not_deadlock(work: Path) -> None:
+    ckpt = str(work)
     model = fsdp_gpt(0)
     cfg = CheckpointConfig(dir=ckpt, keep_last_n=3, async_mode=AsyncCheckpointMode.async_pinned)
     mgr = CheckpointManager(cfg, model, adamw(model))
@@ -246,31 +210,10 @@ def scenario_back_to_back_async_saves_do_not_deadlock(out: Path) -> None:
     dist.barrier()
 
 
-def main() -> None:
-    logging.basicConfig(
-        level=logging.WARNING, format=f"[rank{os.environ.get('RANK')}] %(name)s: %(message)s"
-    )
-    scenarios, out = sys.argv[1].split(","), Path(sys.argv[2])
-    out.mkdir(parents=True, exist_ok=True)
+def main() -> int:
     timeout = float(os.environ.get("COMPAT_PG_TIMEOUT_S", "60"))
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout))
-    rank = dist.get_rank()
-    try:
-        for name in scenarios:
-            ok = True
-            try:
-                globals()[f"scenario_{name}"](out)
-            except Exception:
-                ok = False
-                (out / f"{name}.err.{rank}").write_text(traceback.format_exc())
-            flags = [None] * dist.get_world_size()
-            dist.all_gather_object(flags, ok)
-            if rank == 0 and all(flags):
-                (out / f"{name}.ok").touch()
-    finally:
-        gc.collect()  # FSDP2 + gloo can SIGABRT at exit without this
-        dist.destroy_process_group()
+    return worker_main(globals(), keep_going=True, pg_timeout_s=timeout)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

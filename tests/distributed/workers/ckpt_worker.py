@@ -1,13 +1,17 @@
 """torchrun worker for the checkpoint tests: FSDP2 (or plain) tiny model on gloo/CPU.
 
-Usage: torchrun --standalone --nproc_per_node=N ckpt_worker.py SCENARIO[,SCENARIO...] OUTDIR
-Each scenario asserts its own expectations and writes ``OUTDIR/<scenario>.ok`` when they held;
-several scenarios share one launch because starting torchrun costs more than any scenario.
+Usage (``tests/`` on ``PYTHONPATH``)::
+
+    torchrun --standalone --nproc_per_node=N ckpt_worker.py SCENARIO[,SCENARIO...] OUTDIR
+
+Each scenario runs in ``OUTDIR/<scenario>``, asserts its own expectations and leaves
+``OUTDIR/<scenario>.ok`` when they held on every rank (``.err.<rank>`` with the traceback when
+not, see :mod:`helpers.dist_worker`); several scenarios share one launch because starting
+torchrun costs more than any scenario.
 """
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import sys
@@ -15,6 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from helpers.dist_worker import worker_main
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -161,24 +166,9 @@ def scenario_slow_rank0(out: Path) -> None:
     del os.environ[PAUSE_ENV]
 
 
-def main() -> None:
-    logging.basicConfig(
-        level=logging.INFO, format=f"[rank{os.environ.get('RANK')}] %(name)s: %(message)s"
-    )
-    scenarios, out = sys.argv[1].split(","), Path(sys.argv[2])
-    dist.init_process_group("gloo")
-    try:
-        for name in scenarios:
-            sub = out / name
-            sub.mkdir(parents=True, exist_ok=True)
-            globals()[f"scenario_{name}"](sub)
-            dist.barrier()
-            if dist.get_rank() == 0:
-                (out / f"{name}.ok").touch()
-    finally:
-        gc.collect()  # FSDP2 + gloo can SIGABRT at exit without this
-        dist.destroy_process_group()
+def main() -> int:
+    return worker_main(globals(), pg_timeout_s=120, log_level=logging.INFO)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

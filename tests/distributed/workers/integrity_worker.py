@@ -1,90 +1,58 @@
 """torchrun worker (gloo, CPU) for tests/distributed/test_integrity_dist.py.
 
-``python -m torch.distributed.run --nproc_per_node=2 integrity_worker.py SCENARIO OUT``; each
-scenario writes ``OUT/<scenario>.ok`` on rank 0 when its assertions held, or
-``OUT/<scenario>.err.<rank>`` with the traceback.
+``python -m torch.distributed.run --nproc_per_node=2 integrity_worker.py SCENARIO[,...] OUT``
+(``tests/`` on ``PYTHONPATH``); each scenario runs in ``OUT/<scenario>`` and writes
+``OUT/<scenario>.ok`` on rank 0 when its assertions held, or ``OUT/<scenario>.err.<rank>`` with
+the traceback (see :mod:`helpers.dist_worker`).
 """
 
 from __future__ import annotations
 
-import datetime
-import os
 import sys
-import traceback
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from helpers.dist_worker import load_errors, unseen_paths, worker_main
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from kempnerforge.checkpoint import CheckpointManager, storage
 from kempnerforge.config import AsyncCheckpointMode, CheckpointConfig
 
 
-def scenario_missing_train_state(out: Path) -> None:
-    """One rank cannot see its train state: every rank raises the same error, nobody hangs."""
-    rank = dist.get_rank()
-    ckpt = out / "missing"
+def _linear_manager(ckpt: Path) -> CheckpointManager:
     model = nn.Linear(4, 2)
-    mgr = CheckpointManager(
+    return CheckpointManager(
         CheckpointConfig(dir=str(ckpt)), model, torch.optim.SGD(model.parameters(), lr=0.1)
     )
+
+
+def scenario_missing_train_state(work: Path) -> None:
+    """One rank cannot see its train state: every rank raises the same error, nobody hangs."""
+    rank = dist.get_rank()
+    ckpt = work / "ckpt"
+    mgr = _linear_manager(ckpt)
     mgr.save(1)
     dist.barrier()
     if rank == 0:
         (ckpt / "step_1" / storage.train_state_name(1)).unlink()
     dist.barrier()
-    try:
-        mgr.load(str(ckpt / "step_1"))
-        raised = ""
-    except FileNotFoundError as e:
-        raised = str(e)
-    seen: list = [None] * dist.get_world_size()
-    dist.all_gather_object(seen, raised)
+    raised, seen = load_errors(lambda: mgr.load(str(ckpt / "step_1")))
     assert "rank_00001.pt" in raised and "missing" in raised, raised
     assert len(set(seen)) == 1, seen
     mgr.close()
 
 
-def scenario_stale_view(out: Path) -> None:
+def scenario_stale_view(work: Path) -> None:
     """Rank 1's view of the shared filesystem lags (the file is there for rank 0): the ranks
-    agree before the collective load and all raise the same error naming rank 1's view.
-
-    The lag of a remote filesystem's attribute cache cannot be made real on one host: rank 1's
-    ``Path.is_file`` / ``Path.exists`` answer False for train-state files, as such a cache would.
-    """
-    from unittest.mock import patch
-
+    agree before the collective load and all raise the same error naming rank 1's view."""
     rank = dist.get_rank()
-    ckpt = out / "stale"
-    model = nn.Linear(4, 2)
-    mgr = CheckpointManager(
-        CheckpointConfig(dir=str(ckpt)), model, torch.optim.SGD(model.parameters(), lr=0.1)
-    )
+    mgr = _linear_manager(work / "ckpt")
     mgr.save(1)
     dist.barrier()
-    real_is_file, real_exists = Path.is_file, Path.exists
-
-    def stale(real):
-        def check(self: Path, *a, **k) -> bool:
-            if rank == 1 and self.parent.name == storage.TRAIN_STATE_DIR:
-                return False
-            return real(self, *a, **k)
-
-        return check
-
-    with (
-        patch.object(Path, "is_file", stale(real_is_file)),
-        patch.object(Path, "exists", stale(real_exists)),
-    ):
-        try:
-            mgr.load()
-            raised = ""
-        except FileNotFoundError as e:
-            raised = str(e)
-    seen: list = [None] * dist.get_world_size()
-    dist.all_gather_object(seen, raised)
+    with unseen_paths(lambda p: rank == 1 and p.parent.name == storage.TRAIN_STATE_DIR):
+        raised, seen = load_errors(mgr.load)
     assert "rank 1 cannot see" in raised and "rank_00001.pt" in raised, raised
     assert len(set(seen)) == 1, seen
     mgr.close()
@@ -123,11 +91,11 @@ def _step(ddp: DDP, opt: torch.optim.Optimizer, k: int) -> float:
     return loss.item()
 
 
-def scenario_ddp_batchnorm(out: Path) -> None:
+def scenario_ddp_batchnorm(work: Path) -> None:
     """BatchNorm running stats differ across DDP ranks between forwards; the checkpoint must
     hold rank 0's, which DDP broadcasts at the next forward, for a bit-exact resume."""
     for mode in ("disabled", "async"):
-        ckpt = out / f"bn-{mode}"
+        ckpt = work / f"bn-{mode}"
         raw, ddp, opt, mgr = _build(0, ckpt, mode)
         for k in range(3):
             _step(ddp, opt, k)
@@ -150,19 +118,7 @@ def scenario_ddp_batchnorm(out: Path) -> None:
 
 
 def main() -> int:
-    name, out = sys.argv[1], Path(sys.argv[2])
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=30))
-    rank = dist.get_rank()
-    try:
-        globals()[f"scenario_{name}"](out)
-        dist.barrier()
-        if rank == 0:
-            (out / f"{name}.ok").write_text("ok")
-        code = 0
-    except BaseException:
-        (out / f"{name}.err.{rank}").write_text(traceback.format_exc())
-        code = 1
-    os._exit(code)  # no teardown: a failed scenario must not hang in destroy_process_group
+    return worker_main(globals(), pg_timeout_s=30)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Write checkpoints in the on-disk layout of the original KempnerForge (KempnerInstitute/KempnerForge).
 
 What the original's ``CheckpointManager.save`` wrote (read from its manager.py / state.py at
-commits 1f95035 and 66c9d31, and checked against ``../shared/fixtures/kf-original`` (beside the checkout), made at
-5666d0d)::
+commits 1f95035 and 66c9d31, and checked against the checkpoint it wrote at 5666d0d, kept in
+``tests/fixtures/kf-original``, see :mod:`helpers.kf_original`)::
 
     {dir}/latest -> step_N                 relative symlink (swapped via ``latest.tmp``)
     {dir}/step_N/.metadata                 DCP metadata (pipeline parallel: step_N/pp{K}/.metadata)
@@ -25,7 +25,6 @@ import io
 import json
 import pickletools
 import random
-import shutil
 import warnings
 import zipfile
 from pathlib import Path
@@ -36,8 +35,6 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-# the shared fixtures sit beside the checkout: <checkout>/../shared
-FIXTURE = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "kf-original"
 TRAIN_STATE_FILE = "train_state.pt"
 METADATA_FILE = "metadata.json"
 
@@ -147,16 +144,6 @@ def point_latest(root: str | Path, target: str, kind: str = "symlink") -> None:
     else:
         raise ValueError(f"latest kind must be 'symlink' or 'file', got {kind!r}")
     tmp.rename(link)
-
-
-def copy_fixture(dest: str | Path) -> Path:
-    """A writable copy of the fixture's ``checkpoints/`` dir (the fixture itself is read-only)."""
-    dest = Path(dest) / "checkpoints"
-    shutil.copytree(FIXTURE / "checkpoints", dest, symlinks=True)
-    for p in [dest, *dest.rglob("*")]:
-        if not p.is_symlink():
-            p.chmod(p.stat().st_mode | 0o200)
-    return dest
 
 
 # ------------------------------------------------------------------ inspecting what was written

@@ -3,7 +3,8 @@
 Runs ``bench/checkpoint_bench.py --smoke`` for real (real saves with the real CheckpointManager,
 real DCP baselines, real child processes for resume and preemption, on ``tmp_path``) and checks
 the JSON it writes; likewise ``bench/maybe_save_cost.py`` on two ranks. No timing thresholds:
-speed is judged by the full benchmarks, not by CI.
+speed is judged by the full benchmarks, not by CI. Marked ``bench``: a tier of its own, left out
+of ``make test-fast`` and run by plain ``pytest tests``.
 """
 
 from __future__ import annotations
@@ -16,29 +17,31 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.bench
+
 REPO = Path(__file__).resolve().parents[2]
+
+
+def _bench(script: str, *args: str, timeout_s: float) -> subprocess.CompletedProcess[str]:
+    """``bench/<script> ARGS`` from the repository root, one thread; fails on a non-zero exit."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"),
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
 
 
 def test_bench_smoke_writes_all_figures(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "bench" / "checkpoint_bench.py"),
-            "--smoke",
-            "--out",
-            str(out),
-            "--dir",
-            str(tmp_path / "fs"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-        cwd=REPO,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _bench(
+        "checkpoint_bench.py", "--smoke", "--out", str(out), "--dir", str(tmp_path / "fs"),
+        timeout_s=600,
+    )  # fmt: skip
     res = json.loads(out.read_text())
 
     fl = res["floors"]
@@ -88,21 +91,12 @@ def test_maybe_save_cost_smoke_two_ranks(tmp_path: Path) -> None:
     really runs) for a few steps writes every figure. Whether the check meets its target is the
     full benchmark's verdict, not CI's: only that the figures are there and positive."""
     out = tmp_path / "cost.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "bench" / "maybe_save_cost.py"),
-            *("--device", "cpu", "--size", "debug", "--ranks", "2"),
-            *("--steps", "4", "--pairs", "2", "--warmup", "2", "--json", str(out)),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-        cwd=REPO,
+    proc = _bench(
+        "maybe_save_cost.py",
+        *("--device", "cpu", "--size", "debug", "--ranks", "2"),
+        *("--steps", "4", "--pairs", "2", "--warmup", "2", "--json", str(out)),
+        timeout_s=120,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["meta"]["ranks"] == 2 and res["meta"]["steps_per_arm"] == 2
     assert res["check_calls"] == 2 * 2 * 2  # ranks x pairs x steps per arm
