@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -46,10 +45,9 @@ from kempnerforge.checkpoint.async_save import (
 from kempnerforge.checkpoint.commit import CommitJob, CommitPlan, Retention
 from kempnerforge.checkpoint.config import CheckpointConfig
 from kempnerforge.checkpoint.control import ControlGroup
-from kempnerforge.checkpoint.guards import check_dir_safety
 from kempnerforge.checkpoint.loaders import guard_first_iter, restore_loader
 from kempnerforge.checkpoint.loading import CheckpointLoader, Loaded
-from kempnerforge.checkpoint.lock import JobLock, acquire_job_lock
+from kempnerforge.checkpoint.owner import DirOwner
 from kempnerforge.checkpoint.resolve import Resolution, find_resumable
 from kempnerforge.checkpoint.stateful import capture, check_states
 from kempnerforge.freeze import FreezeConfig, apply_freeze, canonical_freeze_meta, effective_freeze
@@ -142,7 +140,7 @@ class CheckpointManager:
         self._inflight_step: int | None = None
         self._last_save_step: int | None = None
         self._last_save_time = time.monotonic()
-        self._lock: JobLock | None = None  # rank 0's, taken by resume() or the first save
+        self._owner = DirOwner(self.dir, config.dir_mode, self.control, self._trash_left_over)
         self._stop: stopping.StopController | None = None  # made by resume() / maybe_save()
         self._warned_loaders: set[type] = set()
         self.exit_code = 0
@@ -227,7 +225,7 @@ class CheckpointManager:
         stop-signal handlers :meth:`maybe_save` acts on.
         """
         self._ensure_stop_controller()
-        self._ensure_lock()
+        self._owner.claim()
         saved = self.peek_saved_step()
         expected = None
         if freeze is not None:
@@ -371,40 +369,6 @@ class CheckpointManager:
             self._stop = stopping.StopController(self.resilience, on_hang)
         return self._stop
 
-    # ------------------------------------------------------------------ the job lock
-    def _ensure_lock(self) -> None:
-        """Rank 0 takes (or joins) the directory's job lock; every rank raises the same error."""
-        problem: BaseException | None = None
-        if self.rank == 0 and self._lock is None:
-            try:
-                self._take_lock()
-            except Exception as e:
-                problem = e
-        problem = self.control.bcast(problem)
-        if problem is not None:
-            raise problem
-
-    def _take_lock(self) -> None:
-        check_dir_safety(self.dir, for_write=True, dir_mode=self.config.dir_mode)
-        self._lock = acquire_job_lock(self.dir, dir_mode=self.config.dir_mode)
-        weakref.finalize(self, self._lock.release)  # a manager dropped without close()
-        if self.trash.is_dir() and any(self.trash.iterdir()):
-            self._schedule_trash()  # left by an earlier run that did not wait for it
-
-    def _prepare_save(self) -> str | BaseException:
-        """Rank 0, every save: the directory is ours to write and this job holds its lock.
-
-        Returns the save's temp-dir token, or the exception every rank must raise (sent with
-        the token broadcast the save needs anyway, so the check costs no extra collective).
-        """
-        try:
-            check_dir_safety(self.dir, for_write=True, dir_mode=self.config.dir_mode)
-            if self._lock is None:
-                self._take_lock()
-        except Exception as e:
-            return e
-        return uuid.uuid4().hex[:8]
-
     # ------------------------------------------------------------------ save
     def save(
         self,
@@ -438,7 +402,7 @@ class CheckpointManager:
             async_mode=self.config.async_mode.value,
             pp_rank=self.pp_rank,
         )
-        token = self.control.bcast(self._prepare_save() if self.rank == 0 else None)
+        token = self.control.bcast(self._owner.save_token() if self.rank == 0 else None)
         if isinstance(token, BaseException):
             raise token  # every rank: directory unsafe or locked by another job
         tmp, dcp_dir = temp_dirs(self.dir, int(step), token, self.pp_rank)
@@ -448,7 +412,7 @@ class CheckpointManager:
         job = CommitJob(
             plan,
             self.control,
-            lock=lambda: self._lock,
+            lock=lambda: self._owner.lock,
             stats=lambda: self._checkpointer.last_stats,
             after_commit=self._after_commit,
             on_end=self._save_ended,
@@ -532,9 +496,11 @@ class CheckpointManager:
                 # joined (after the queued deletions) so it is not running at interpreter exit
                 self._janitor.stop(timeout=None if wait_for_trash else 0)
                 self._janitor = None
-            if self._lock is not None:
-                self._lock.release()
-                self._lock = None
+            self._owner.release()
+
+    def _trash_left_over(self) -> None:
+        if self.trash.is_dir() and any(self.trash.iterdir()):
+            self._schedule_trash()  # left by an earlier run that did not wait for it
 
     def _schedule_trash(self) -> None:
         if self._janitor is None:
