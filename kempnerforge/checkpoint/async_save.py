@@ -16,6 +16,10 @@ process group (thread-mode saves on the default group deadlock while training ru
 followed by the caller's ``on_written`` step (train state, manifest, commit); DCP's file streams
 hash what they write, so the manifest needs no second read. Each save first drains the previous
 one and re-raises its failure.
+
+A process forked from the saving one (a DataLoader worker) inherits the checkpointer's memory but
+not its threads: there the checkpointer has nothing in flight, waits for nothing and refuses to
+start an async save, and nothing waits for, joins or queues to the parent's thread.
 """
 
 from __future__ import annotations
@@ -325,11 +329,17 @@ class _Worker:
     """
 
     def __init__(self, name: str) -> None:
+        self._pid = os.getpid()  # a forked child has a copy of this object, not the thread
         self._q: queue.Queue = queue.Queue()
         self._t = threading.Thread(target=self._run, name=name, daemon=True)
         self._t.start()
 
     def submit(self, fn: Callable[[], Any]) -> Future:
+        if os.getpid() != self._pid:
+            raise RuntimeError(
+                f"background thread {self._t.name} belongs to process {self._pid}; a process "
+                "forked from it cannot run work on it"
+            )
         fut: Future = Future()
         self._q.put((fn, fut))
         return fut
@@ -357,8 +367,11 @@ class _Worker:
         """End the thread after the jobs already queued; wait up to ``timeout`` s for it to end.
 
         ``timeout=0`` does not wait (a preempted job on its way out through ``os._exit``).
-        Returns whether the thread has ended.
+        Returns whether the thread has ended. In a forked child there is no thread to end (and
+        the queue may be locked by the parent's thread at fork): nothing is touched.
         """
+        if os.getpid() != self._pid:
+            return True
         self._q.put((None, None))
         if timeout == 0:
             return not self._t.is_alive()
@@ -454,16 +467,37 @@ class AsyncCheckpointer:
         self._pending_desc = ""
         self._groups: dict[Any, Any] = {}
         self._uid = uuid.uuid4().hex[:12]
+        self._pid = os.getpid()
         self.last_stats = SaveStats()
 
     @property
     def is_async(self) -> bool:
         return self.mode is not AsyncCheckpointMode.disabled
 
+    def _forked(self) -> bool:
+        """True in a process forked from the one that made this checkpointer."""
+        return os.getpid() != self._pid
+
     @property
     def is_pending(self) -> bool:
-        """A save (or buffer allocation) is in flight: ``wait()`` would block."""
-        return self._pending is not None
+        """A save (or buffer allocation) is still running: ``wait()`` would block.
+
+        A save that finished is not pending, even before ``wait()`` collected its outcome (a
+        failure is raised there, see :attr:`unreported_failure`).
+        """
+        fut = self._pending
+        if fut is None or self._forked():  # the child has no thread that could finish it
+            return False
+        return not fut.done()
+
+    @property
+    def unreported_failure(self) -> BaseException | None:
+        """The error of a save that finished but was not waited for yet (``wait()`` and the
+        next ``save()`` raise it), else None. Never blocks."""
+        fut = self._pending
+        if fut is None or self._forked() or not fut.done():
+            return None
+        return fut.exception()
 
     def host_buffer_bytes(self) -> int:
         return self._stager.host_bytes() if self._stager else 0
@@ -489,7 +523,7 @@ class AsyncCheckpointer:
         The next ``save()`` waits for it. Returns False (doing nothing) when not async or a save
         is in flight. A failure (e.g. out of pinnable memory) is logged; the next save retries.
         """
-        if self._stager is None or self._pending is not None:
+        if self._stager is None or self._pending is not None or self._forked():
             return False
         stager = self._stager
         device = _current_cuda_device()
@@ -528,7 +562,7 @@ class AsyncCheckpointer:
     def join(self, timeout: float | None = None) -> bool:
         """Block until the in-flight save ended (True) without raising; ``wait()`` reports it."""
         fut = self._pending
-        if fut is None:
+        if fut is None or self._forked():
             return True
         try:
             fut.exception(timeout=timeout)
@@ -537,19 +571,29 @@ class AsyncCheckpointer:
         return True
 
     def wait(self) -> None:
-        """Block until the in-flight save finished; raise :class:`CheckpointError` if it failed."""
-        fut, self._pending = self._pending, None
-        if fut is None:
+        """Block until the in-flight save finished; raise :class:`CheckpointError` if it failed.
+
+        In a forked child the parent's save is not this process's to wait for: returns at once.
+        """
+        fut = self._pending
+        if fut is None or self._forked():
+            self._pending = None
             return
         try:
             fut.result()
-            self._copy_event = None  # the job waited on it before writing
-        except CheckpointError:
-            raise
         except BaseException as e:
+            if not fut.done():
+                # the wait itself was interrupted (a signal handler raised in this thread, e.g.
+                # a DataLoader's for a dead worker): the save goes on and stays in flight
+                raise
+            self._pending = None
+            if isinstance(e, CheckpointError):
+                raise
             raise CheckpointError(
                 f"background checkpoint save of {self._pending_desc} failed: {e!r}"
             ) from e
+        self._pending = None
+        self._copy_event = None  # the job waited on it before writing
 
     def save(
         self,
@@ -574,6 +618,11 @@ class AsyncCheckpointer:
         (:class:`Rank0ReplicasPlanner`).
         """
         t0 = time.perf_counter() if t0 is None else t0
+        if self._forked() and self.is_async:
+            raise CheckpointError(
+                f"this checkpointer belongs to process {self._pid}; a process forked from it "
+                "(e.g. a DataLoader worker) cannot save through it"
+            )
         self.wait()
         group = self.dcp_group(process_group)
         stats = SaveStats(
@@ -688,7 +737,15 @@ class AsyncCheckpointer:
                     del cache[k]
 
     def close(self) -> None:
-        """Drain (raising a failure), stop the worker thread and wait for it to end."""
+        """Drain (raising a failure), stop the worker thread and wait for it to end.
+
+        In a forked child: only drops this copy's references (the threads are the parent's).
+        """
+        if self._forked():
+            self._pending, self._copy_event, self._worker = None, None, None
+            if self._stager is not None:
+                self._stager._pool = None  # its threads did not come along
+            return
         fut = self._pending
         try:
             self.wait()

@@ -4,11 +4,14 @@ The hook runs before the interpreter stops thread pools (the writer's threads mu
 able to start): ``threading``'s exit hooks run before ``atexit``'s, newest first. It acts only
 in the process that registered the managers: a process forked from it (a DataLoader worker)
 inherits the hook and the managers' memory, but not their threads, and must leave both alone.
+A save that ended before exit, waited for or not, is not in flight: nothing is said about it
+unless it failed.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import threading
@@ -43,29 +46,50 @@ def _flush_all_at_exit() -> None:
 
 
 def flush_at_exit(mgr: CheckpointManager) -> None:
-    """An async save still in flight when the interpreter exits: finish it, or say so."""
+    """An async save still running when the interpreter exits: finish it, or say so.
+
+    A save that already ended is not "in flight": its failure, if nobody waited for it, is
+    reported as such, and only the checkpointer's thread is stopped (no collective, which a
+    dead peer would make fail).
+    """
+    ck = mgr.checkpointer
     step = mgr.inflight_step
-    if step is None and not mgr.checkpointer.is_pending:
+    if not ck.is_pending:
+        error = ck.unreported_failure
+        if error is not None:
+            logger.warning(
+                "a background checkpoint save failed and was never waited for (%s); latest "
+                "still points at the previous checkpoint",
+                error,
+            )
+        with contextlib.suppress(BaseException):
+            ck.close()  # its thread must not run Python while the interpreter finalizes
+        return
+    what = f"checkpoint of step {step}" if step is not None else "background checkpoint work"
+    if not ck.join(timeout=mgr.config.save_timeout_s):
+        logger.warning(
+            "%s was still being written at exit and did not finish within "
+            "checkpoint.save_timeout_s; it is lost (latest still points at the previous "
+            "checkpoint). Call mgr.wait() before exiting.",
+            what,
+        )
         return
     try:
-        if not mgr.checkpointer.join(timeout=mgr.config.save_timeout_s):
-            logger.warning(
-                "checkpoint of step %s was still being written at exit and did not finish "
-                "within checkpoint.save_timeout_s; it is lost (latest still points at the "
-                "previous checkpoint). Call mgr.wait() before exiting.",
-                step,
-            )
-            return
-        mgr.close()
-        if step is not None:
-            logger.info("checkpoint of step %s was in flight at exit: finished and committed", step)
+        ck.wait()
     except BaseException as e:
         logger.warning(
-            "checkpoint of step %s was in flight at exit and failed (%s); latest still points "
-            "at the previous checkpoint",
-            step,
+            "%s was in flight at exit and failed (%s); latest still points at the previous "
+            "checkpoint",
+            what,
             e,
         )
+        return
+    if step is not None:
+        logger.info("%s was in flight at exit: finished and committed", what)
+    try:
+        mgr.close()
+    except BaseException as e:
+        logger.warning("closing the checkpoint manager at exit failed: %s", e)
 
 
 def _register() -> None:

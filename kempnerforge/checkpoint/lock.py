@@ -36,6 +36,13 @@ directory stays locked for at most ``stale_after_s`` (unless the same job comes 
 let in at once). Heartbeat ages compare the file's mtime, set by the file server, with this
 host's clock: keep clocks in sync (NTP) or raise ``stale_after_s``. Where ``flock`` is not
 supported at all, the lock degrades to record + pid liveness + heartbeat, with one warning.
+
+Forked children (DataLoader workers): a child inherits the holder's descriptor of ``.lock``, which
+shares the holder's open file description, so ``flock(LOCK_UN)`` in the child would drop the
+holder's lock too, while ``close()`` of the child's copy does not. A child therefore never
+unlocks, never rewrites or removes the record, and never beats the heartbeat: at fork it closes
+its copy of the descriptor (a worker that outlives the holder does not keep the lock alive) and
+forgets the registry; a handle it inherited releases nothing but its own state.
 """
 
 from __future__ import annotations
@@ -155,6 +162,7 @@ class _HeldLock:
         self.directory = directory
         self.holder = holder
         self.fd = fd  # None: a member of a job whose lock another process holds
+        self.owner_pid = os.getpid()  # the process that took (or joined) it
         self.refs = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -179,7 +187,21 @@ class _HeldLock:
             with contextlib.suppress(OSError):
                 os.utime(record)
 
+    def drop_inherited(self) -> None:
+        """In a process forked from the owner: close this process's copy of the descriptor.
+
+        ``close()`` of one of several descriptors sharing an open file description leaves the
+        ``flock`` in place (``LOCK_UN`` would not); the heartbeat thread did not come along.
+        """
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
     def close(self) -> None:
+        if os.getpid() != self.owner_pid:
+            self.drop_inherited()  # a forked copy: the lock and its record are the owner's
+            return
         self._stop.set()
         if self.fd is None:
             return
@@ -201,6 +223,23 @@ class _HeldLock:
 _registry: dict[str, _HeldLock] = {}
 _registry_mutex = threading.Lock()
 _warned_no_flock = False
+
+
+def _forget_in_child() -> None:
+    """After ``fork``, in the child: the parent's locks are not this process's to hold.
+
+    The child closes its copies of their descriptors (never ``LOCK_UN``) and starts with an
+    empty registry, so a lock it asks for itself is a new acquisition (it joins its job's lock
+    as a member). The mutex is new: another thread of the parent may have held it at fork.
+    """
+    global _registry_mutex
+    _registry_mutex = threading.Lock()
+    for held in _registry.values():
+        held.drop_inherited()
+    _registry.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
 
 
 class JobLock:
@@ -249,7 +288,9 @@ class JobLock:
         with _registry_mutex:
             held.refs -= 1
             if held.refs <= 0:
-                _registry.pop(str(held.directory), None)
+                key = str(held.directory)
+                if _registry.get(key) is held:  # not a lock a forked child took on its own
+                    del _registry[key]
                 held.close()
 
     def __enter__(self) -> JobLock:
@@ -350,9 +391,10 @@ def _acquire(
                 and holder.host == host
                 and not _pid_alive(holder.pid)
             ):
-                # The recorded holder is dead, yet the kernel lock is still held: a child that
-                # inherited the descriptor (e.g. a forked worker) outlives it. After wait_s the
-                # record would name a live starter if there were one, so this is an orphan.
+                # The recorded holder is dead, yet the kernel lock is still held: a process that
+                # inherited the descriptor outlives it (one forked without Python's fork hooks,
+                # or handed the descriptor). After wait_s the record would name a live starter
+                # if there were one, so this is an orphan.
                 logger.warning(
                     "checkpoint dir %s: %s is dead but its lock file is still held open by a "
                     "process that inherited it; taking the lock over",

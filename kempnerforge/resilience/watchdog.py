@@ -6,6 +6,11 @@ thread's Python stack into the job log (``faulthandler``), let the caller decide
 (rank 0 asks the requeue guard for another run), and leave through ``os._exit``: the main thread
 is stuck, so nothing it holds can be unwound. A C-level ``faulthandler`` backstop fires a minute
 later in case the stuck thread holds the interpreter lock and no Python thread can run.
+
+A process forked from the watched one (a DataLoader worker) gets no watchdog: the threads do not
+come along, a watchdog it inherited does nothing there, and the backstop is disarmed around every
+``fork`` (and re-armed in the parent). An armed ``faulthandler`` timer inherited without its
+thread would make any later cancel or re-arm in the child, including a user's, wait forever.
 """
 
 from __future__ import annotations
@@ -18,12 +23,57 @@ import statistics
 import sys
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 
 logger = logging.getLogger(__name__)
 
 BACKSTOP_S = 60.0
+
+_backstop_mutex = threading.Lock()
+_backstop_deadline: float | None = None  # monotonic time our armed backstop fires
+
+
+def _arm_backstop(seconds: float) -> None:
+    """Arm the C-level backstop: dump every stack and exit after ``seconds``."""
+    global _backstop_deadline
+    with _backstop_mutex:
+        faulthandler.dump_traceback_later(seconds, exit=True)
+        _backstop_deadline = time.monotonic() + seconds
+
+
+def _cancel_backstop() -> None:
+    global _backstop_deadline
+    with _backstop_mutex:
+        faulthandler.cancel_dump_traceback_later()
+        _backstop_deadline = None
+
+
+def _before_fork() -> None:
+    _backstop_mutex.acquire()  # released by the after-fork hooks, so no arm or cancel races it
+    if _backstop_deadline is not None:
+        faulthandler.cancel_dump_traceback_later()
+
+
+def _after_fork_in_parent() -> None:
+    try:
+        if _backstop_deadline is not None:
+            left = max(_backstop_deadline - time.monotonic(), 0.001)
+            faulthandler.dump_traceback_later(left, exit=True)
+    finally:
+        _backstop_mutex.release()
+
+
+def _after_fork_in_child() -> None:
+    global _backstop_mutex, _backstop_deadline
+    _backstop_mutex = threading.Lock()
+    _backstop_deadline = None
+    for w in list(_hang_watchdogs):
+        w._inherit()
+
+
+_hang_watchdogs: weakref.WeakSet[HangWatchdog] = weakref.WeakSet()
 
 
 def dump_stacks() -> None:
@@ -59,6 +109,7 @@ class SaveWatchdog:
         self.what = what
         self.decide = decide
         self._done = threading.Event()
+        self._pid: int | None = None  # the process that entered the block
 
     def _watch(self) -> None:
         if self._done.wait(self.timeout_s):
@@ -72,13 +123,16 @@ class SaveWatchdog:
         )
 
     def __enter__(self) -> SaveWatchdog:
+        self._pid = os.getpid()
         threading.Thread(target=self._watch, name="kempnerforge-save-watchdog", daemon=True).start()
-        faulthandler.dump_traceback_later(self.timeout_s + BACKSTOP_S, exit=True)
+        _arm_backstop(self.timeout_s + BACKSTOP_S)
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if os.getpid() != self._pid:
+            return  # a forked child leaving the block: the watchdog and backstop are the parent's
         self._done.set()
-        faulthandler.cancel_dump_traceback_later()
+        _cancel_backstop()
 
 
 class HangWatchdog:
@@ -109,6 +163,15 @@ class HangWatchdog:
         self._paused = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._inherited = False  # a copy in a forked child: never starts a thread
+        _hang_watchdogs.add(self)
+
+    def _inherit(self) -> None:
+        """In a forked child: no thread, and fresh synchronisation (the parent's watchdog
+        thread may have held the event's lock at fork)."""
+        self._inherited = True
+        self._stop = threading.Event()
+        self._stop.set()
 
     def threshold(self) -> float | None:
         """Seconds without a beat that count as a hang, or None while not armed."""
@@ -123,7 +186,7 @@ class HangWatchdog:
         if self._last is not None and not self._paused:
             self._intervals.append(now - self._last)
         self._last, self._step, self._paused = now, step, False
-        if self._thread is None:
+        if self._thread is None and not self._inherited:
             self._thread = threading.Thread(
                 target=self._watch, name="kempnerforge-hang-watchdog", daemon=True
             )
@@ -143,9 +206,14 @@ class HangWatchdog:
                 continue
             idle = time.monotonic() - last
             if idle > limit:
-                faulthandler.dump_traceback_later(BACKSTOP_S, exit=True)
+                _arm_backstop(BACKSTOP_S)
                 msg = (
                     f"no step progress for {idle:.0f}s after step {self._step} (hang threshold "
                     f"{limit:.0f}s)"
                 )
                 _leave(msg, lambda m=msg: self.on_hang(m), stacks=True)
+
+
+os.register_at_fork(
+    before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child
+)
