@@ -1,4 +1,6 @@
-"""``kempnerforge ckpt``: look at, check, export and prune checkpoints from a shell.
+"""``kempnerforge ckpt``: look at, check, export and prune checkpoints from a shell;
+``kempnerforge report``: where a job's time went (goodput), from its checkpoint dir's run ledger.
+Torch is imported only by the commands that read tensors, so ``report`` and ``ls`` start fast.
 
 Everything here reads through the same safe paths as a resume (restricted unpickler for DCP's
 ``.metadata``, ``weights_only`` for tensors and train state), so pointing the tool at a
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import re
@@ -20,13 +23,14 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from kempnerforge.checkpoint import resolve, storage
 from kempnerforge.checkpoint.resolve import StepEntry
-from kempnerforge.checkpoint.safe_unpickle import CheckpointFormatError, load_dcp_metadata
+from kempnerforge.checkpoint.storage import CheckpointFormatError
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +112,8 @@ def verify_step(step_dir: Path, checksums: bool = True) -> list[str]:
         problems.append(
             f"{step_dir / storage.METADATA_FILE}: no manifest; file checksums cannot be checked"
         )
+    from kempnerforge.checkpoint.safe_unpickle import load_dcp_metadata
+
     try:
         md = load_dcp_metadata(step_dir)
     except CheckpointFormatError as e:
@@ -259,6 +265,8 @@ def _elements(shape: str) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from kempnerforge.checkpoint.safe_unpickle import load_dcp_metadata
+
     step_dir = _resolve_step_dir(Path(args.path))
     meta = storage.load_metadata(step_dir)
     md = load_dcp_metadata(step_dir)
@@ -268,7 +276,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"  {k}: {v}")
     print(f"  world size at save: {_saved_world_size(md, meta)}")
     manifest = (meta.get("manifest") or {}).get("files") or {}
-    print(f"  files in manifest: {len(manifest)}  ({storage.human_bytes(_dir_size(step_dir))} on disk)")
+    print(
+        f"  files in manifest: {len(manifest)}  ({storage.human_bytes(_dir_size(step_dir))} on disk)"
+    )
     _print_states(step_dir, meta, md)
     prefix = None if args.all else "model."
     rows = _describe_keys(md, prefix)
@@ -314,10 +324,14 @@ def load_full_model_state(step_dir: Path, key: str = "model") -> dict[str, torch
     No process group is needed: DCP's no-dist load into a state dict rebuilt from the metadata
     gathers every shard written by every rank.
     """
+    import torch
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     from kempnerforge.checkpoint.reader import CheckpointReader
-    from kempnerforge.checkpoint.safe_unpickle import SafeEmptyStateDictLoadPlanner
+    from kempnerforge.checkpoint.safe_unpickle import (
+        SafeEmptyStateDictLoadPlanner,
+        load_dcp_metadata,
+    )
 
     md = load_dcp_metadata(step_dir)
     keys = {k for k in md.state_dict_metadata if k == key or k.startswith(key + ".")}
@@ -372,6 +386,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         meta = storage.load_metadata(step_dir)
         save_file(tensors, str(tmp), metadata={"step": str(meta.get("step")), "format": "pt"})
     elif dest.suffix in (".pt", ".pth", ".bin"):
+        import torch
+
         torch.save(tensors, tmp)
     else:
         raise CliError(f"--to {dest}: use a .safetensors or .pt file name")
@@ -417,6 +433,51 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report_target(target: str, folder: str | None) -> tuple[Path, str | None]:
+    """A checkpoint dir as given, or the one a job's launcher record names (and the job)."""
+    path = Path(target)
+    if path.is_dir():
+        return path, None
+    from kempnerforge.launch.slurm.report import find_record, scontrol_job
+
+    record = find_record(target, scontrol_job(target), folder)
+    if record is None:
+        raise CliError(
+            f"{target}: not a directory, and no launcher record of a job {target} under "
+            "./runs/*/(slurm|local)/ (pass --folder)"
+        )
+    ckpt = record.get("checkpoint_dir")
+    if not ckpt:
+        raise CliError(
+            f"job {target}: its record names no checkpoint dir (launched without "
+            "--checkpoint-dir or a training config): give the checkpoint dir instead"
+        )
+    return Path(ckpt), target
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from kempnerforge import goodput, ledger
+
+    root, job_id = _report_target(args.target, args.folder)
+    if not Path(ledger.path(root)).is_file():
+        raise CliError(
+            f"{root}: no run ledger ({ledger.EVENTS_FILE}); it is written by the checkpoint "
+            "manager and the launcher as a job runs"
+        )
+    rep = goodput.report(root, job_id=job_id)
+    if job_id is not None and not rep["runs"]:
+        rep = goodput.report(root)  # no run of the ledger names this job: the whole ledger
+    print(json.dumps(rep, indent=1) if args.json else goodput.text(rep))
+    if args.plot:
+        try:
+            goodput.plot(rep, args.plot)
+        except RuntimeError as e:
+            raise CliError(str(e)) from None
+        if not args.json:
+            print(f"timeline: {args.plot}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kempnerforge", description="KempnerForge tools")
     sub = p.add_subparsers(dest="group", required=True)
@@ -454,6 +515,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--dry-run", action="store_true")
     s.set_defaults(func=cmd_prune)
+
+    s = sub.add_parser("report", help="goodput: where a job's wall-clock time went")
+    s.add_argument("target", help="a checkpoint dir, or a job id (its launcher record names one)")
+    s.add_argument("--json", action="store_true", help="the whole report as JSON")
+    s.add_argument("--plot", metavar="FILE", help="also draw a timeline PNG (needs matplotlib)")
+    s.add_argument("--folder", help="where the job's launcher records are (as for --status)")
+    s.set_defaults(func=cmd_report)
     return p
 
 

@@ -20,6 +20,7 @@ a save writes, :mod:`~kempnerforge.checkpoint.async_save` moves the bytes off th
 from __future__ import annotations
 
 import logging
+import sys
 import time
 import weakref
 from collections.abc import Callable, Mapping
@@ -51,6 +52,7 @@ from kempnerforge.checkpoint.owner import DirOwner
 from kempnerforge.checkpoint.resolve import Resolution, find_resumable
 from kempnerforge.checkpoint.stateful import capture, check_states
 from kempnerforge.freeze import FreezeConfig, apply_freeze, canonical_freeze_meta, effective_freeze
+from kempnerforge.ledger import Ledger
 from kempnerforge.resilience import stop as stopping
 from kempnerforge.resilience.config import ResilienceConfig
 from kempnerforge.resilience.reason import StopReason
@@ -142,6 +144,8 @@ class CheckpointManager:
         self._last_save_time = time.monotonic()
         self._owner = DirOwner(self.dir, config.dir_mode, self.control, self._trash_left_over)
         self._stop: stopping.StopController | None = None  # made by resume() / maybe_save()
+        self.ledger = Ledger(self.dir, rank=self.rank)  # events.jsonl: starts, saves, stops
+        self._started = self._ended = False
         self._warned_loaders: set[type] = set()
         self.exit_code = 0
         if self.rank == 0:
@@ -227,6 +231,7 @@ class CheckpointManager:
         self._ensure_stop_controller()
         self._owner.claim()
         saved = self.peek_saved_step()
+        self._start_run(saved)
         expected = None
         if freeze is not None:
             # what step `saved` trained with: the list in force after saved - 1 steps
@@ -263,6 +268,9 @@ class CheckpointManager:
         and returns True with :attr:`exit_code` set.
         """
         stop = self._ensure_stop_controller()
+        if not self._started:
+            self._start_run(None)
+        self.ledger.step_reached(int(step))
         due = 0 < self.config.interval_s <= time.monotonic() - self._last_save_time
         kind, time_due = stop.step(int(step), due)
 
@@ -270,6 +278,9 @@ class CheckpointManager:
             self.save(step, tokens_seen, scheduler, dataloader, extra)
 
         if kind:
+            # the control group carries a background save's collectives: it must be idle before
+            # this rank issues one of its own (a failure stays for the stop's wait() to report)
+            self._checkpointer.join()
             reason = self.control.bcast(
                 stopping.classify(kind, self.resilience) if self.rank == 0 else None
             )
@@ -286,6 +297,11 @@ class CheckpointManager:
                 if stop.hang is not None:
                     stop.hang.beat(int(step))
         return False
+
+    def _start_run(self, resumed_step: int | None) -> None:
+        if not self._started:
+            self._started = True
+            self.ledger.start(world_size=self.world_size, resumed_step=resumed_step)
 
     def request_stop(self, signal_name: str = "manual") -> None:
         """Ask for a stop from code (a time budget, a signal caught elsewhere) as if this rank
@@ -336,6 +352,8 @@ class CheckpointManager:
             stopping.log_stop_line(
                 reason, signal_name, step, saved, requeue, code, time.perf_counter() - t0
             )
+            self.ledger.stop(step, reason=reason.kind, exit_code=code, saved=saved)
+        self._ended = True
         self.exit_code = int(self.control.bcast(code))
         self.close(wait_for_trash=False)
 
@@ -362,9 +380,13 @@ class CheckpointManager:
                 mgr = me()
                 if mgr is None:
                     return exit_codes.HANG
-                return stopping.hang_exit_code(
+                code = stopping.hang_exit_code(
                     mgr.resilience, mgr.rank, mgr.dir, mgr.committed_step, message
                 )
+                step = mgr.ledger.last_step
+                mgr.ledger.stop(step or 0, reason="hang", exit_code=code, saved="no")
+                mgr._ended = True
+                return code
 
             self._stop = stopping.StopController(self.resilience, on_hang)
         return self._stop
@@ -451,6 +473,13 @@ class CheckpointManager:
             )
 
     def _after_commit(self, committed: Path) -> None:
+        stats = self._checkpointer.last_stats
+        self.ledger.save(
+            stats.step,
+            blocked_s=stats.blocked_s,
+            durable_s=stats.durable_s,
+            nbytes=stats.total_bytes or stats.bytes,
+        )
         protected = set()
         if self._inflight_step is not None:
             protected.add(storage.step_dir_name(self._inflight_step))
@@ -480,8 +509,12 @@ class CheckpointManager:
 
         ``wait_for_trash=False`` (a preempted job on its way out): do not wait for the deletion
         of pruned steps; what is left in ``.trash`` is deleted by the next run's first save.
-        Calling ``close`` again is harmless.
+        Calling ``close`` again is harmless. Closed while no exception is on its way (the run
+        finished), the ledger records the run's end.
         """
+        if self._started and not self._ended and sys.exc_info()[1] is None:
+            self._ended = True
+            self.ledger.end(self.ledger.last_step, exit_code=self.exit_code)
         try:
             self._checkpointer.close()
         finally:

@@ -20,7 +20,9 @@ When every task has exited, the exit codes decide (:mod:`kempnerforge.exit_codes
 
 A task still running ``grace_s`` after another one exited is ended the same way (a rank hanging
 in a collective its peers left). The launcher writes the same job and exit records as a SLURM
-job, into its folder, so ``--status local-<id>`` explains a local run too.
+job, into its folder, so ``--status local-<id>`` explains a local run too. With a checkpoint dir
+(``--checkpoint-dir``, or the training config's), each run's end and each restart also go into
+its run ledger (:mod:`kempnerforge.ledger`), for ``kempnerforge report``.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from kempnerforge import exit_codes
+from kempnerforge import exit_codes, ledger
 from kempnerforge.job import JobEnvironment, master_port_for
 from kempnerforge.launch import records
 from kempnerforge.launch.progress import CrashDecision, crash_decision, resume_step
@@ -138,6 +140,7 @@ class LocalLauncher:
         self._notices: deque[tuple[int, bool]] = deque()  # (signal, a second cancel)
         self._out = threading.Lock()
         self._started = time.time()
+        self._first_exit_t: float | None = None  # monotonic: the last run's first task exit
 
     # ------------------------------------------------------------------------- output
     def _emit(self, data: bytes) -> None:
@@ -243,6 +246,7 @@ class LocalLauncher:
         first task that crashed (by time), if any."""
         crashed: _Task | None = None
         crash_t = first_exit_t = term_t = None
+        self._first_exit_t = None
         killed = False
         while True:
             self._print_notices(len(tasks))
@@ -251,6 +255,7 @@ class LocalLauncher:
                 if t.returncode is None and (rc := t.proc.poll()) is not None:
                     t.returncode = rc
                     first_exit_t = first_exit_t or now
+                    self._first_exit_t = first_exit_t
                     if crashed is None and records.is_crash(rc):
                         crashed, crash_t = t, now
             alive = [t for t in tasks if t.returncode is None]
@@ -432,6 +437,39 @@ class LocalLauncher:
                 records.exit_record_path(self.job.folder, self.job.job_id, restart, t.rank), rec
             )
 
+    def _ledger_run_end(
+        self, restart: int, tasks: list[_Task], crashed: _Task | None, outcome: _Outcome
+    ) -> str:
+        """The run's end in the checkpoint dir's run ledger (nothing without a dir); returns
+        the reason written."""
+        codes = [t.returncode if t.returncode is not None else -9 for t in tasks]
+        where: dict[str, Any] = {}
+        if outcome.action == "cancelled":
+            reason = ledger.CANCEL
+        elif outcome.action == "done":
+            reason = ledger.DONE
+        elif crashed is not None:
+            # a task the launcher ended because it ran on after its peers exited: a hang
+            hung = crashed.ended_by is not None and "hung" in crashed.ended_by
+            reason = ledger.HANG if hung else ledger.CRASH
+            where = {"rank": crashed.rank, "node": socket.gethostname()}
+        elif exit_codes.REFUSED in codes:
+            reason = ledger.REFUSED
+        elif exit_codes.HANG in codes:
+            reason = ledger.HANG
+        else:
+            reason = ledger.PREEMPTION
+        ledger.run_end(
+            self.job.checkpoint_dir,
+            job_id=self.job.job_id,
+            restart=restart,
+            exit_codes=codes,
+            outcome=outcome.action,
+            reason=reason,
+            **where,
+        )
+        return reason
+
     # ------------------------------------------------------------------------- the job
     def run(self) -> int:
         job = self.job
@@ -440,6 +478,14 @@ class LocalLauncher:
         relay = SignalRelay(forward=True, on_signal=self._on_signal)
         relay.install([*job.signals, int(signal.SIGTERM), int(signal.SIGINT)])
         restart, port = 0, self._port(0, None)
+        if job.checkpoint_dir is not None:
+            ledger.append(
+                job.checkpoint_dir,
+                "launch",
+                job_id=job.job_id,
+                world_size=job.world_size,
+                who="local",
+            )
         self.say(
             f"job {job.job_id} restart 0: {job.world_size} local task(s), master "
             f"127.0.0.1:{port}: {shlex.join(job.command)}"
@@ -459,13 +505,25 @@ class LocalLauncher:
             outcome = self._decide(restart, tasks, crashed, step_before, next_port)
             self.say(outcome.line)
             self._write_exit_records(restart, tasks, outcome)
+            why = self._ledger_run_end(restart, tasks, crashed, outcome)
             if not outcome.restart or self.cancel_sig is not None:
                 state = {"done": "COMPLETED", "cancelled": "CANCELLED"}.get(outcome.action)
                 self._write_job_record(
                     state or "FAILED", restart, exit_code=outcome.code, reason=outcome.line
                 )
                 return outcome.code
+            crashed_rank = crashed.rank if crashed is not None else None
             restart, port = restart + 1, next_port
+            took = time.monotonic() - self._first_exit_t if self._first_exit_t else None
+            ledger.restart(
+                job.checkpoint_dir,
+                job_id=job.job_id,
+                n=restart,
+                reason=why,
+                rank=crashed_rank,
+                node=socket.gethostname() if crashed_rank is not None else None,
+                took_s=took,
+            )
 
 
 def run_local(job: LocalJob) -> int:

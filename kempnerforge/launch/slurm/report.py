@@ -2,8 +2,9 @@
 it is.
 
 It reads the scheduler's state (``scontrol show job``), the job record, every rank's exit records
-and logs (for the training's stop line), and the checkpoint dir (the resume step and the requeue
-guard's decisions). Works for local jobs too: their job record holds the local launcher's state.
+and logs (for the training's stop line), and the checkpoint dir (the resume step, the requeue
+guard's decisions, and one goodput line from the run ledger). Works for local jobs too: their
+job record holds the local launcher's state.
 """
 
 from __future__ import annotations
@@ -158,6 +159,14 @@ def status(job_id: str, folder: str | None = None, lines: int = 15) -> int:
                 f"  self-requeues:  {g.requeues}" + (f"  REFUSED: {g.refused}" if g.refused else "")
             )
             guard_refused = g.refused
+        from kempnerforge.goodput import summary_line
+
+        try:
+            goodput = summary_line(ckpt, job_id)
+        except Exception as e:  # a report must not hide the rest of the status
+            goodput = f"cannot read the run ledger: {e}"
+        if goodput:
+            out.append(f"  goodput:        {goodput}")
 
     # Logs: one per rank (launcher folder), else the job's own output file.
     log_dir = Path(record["folder"]) if record.get("folder") else None

@@ -5,7 +5,9 @@ The task runs the job's command as a child with a torchrun-compatible environmen
 (checkpoint and requeue on rank 0 from inside the handler, where no collective save can run) is
 replaced by the signal relay. The command saves and requeues itself (``scontrol requeue``, behind
 the requeue guard) and exits 75; the wrapper then leaves without a result, so submitit does not
-call the job finished. Every rank leaves an exit record for ``--status``.
+call the job finished. Every rank leaves an exit record for ``--status``; with a checkpoint dir,
+rank 0 also writes its run's end (and the restart, when the job will run again) into the run
+ledger (:mod:`kempnerforge.ledger`).
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ import logging
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 from typing import Any
 
-from kempnerforge import exit_codes
+from kempnerforge import exit_codes, ledger
 from kempnerforge.launch import records
 from kempnerforge.launch.progress import CrashDecision, crash_decision, resume_step
 from kempnerforge.launch.signal_relay import SignalRelay, signal_numbers
@@ -123,6 +126,8 @@ class SlurmTask:
             records.exit_record_path(paths.folder, job_id, restart, rank),
             records.exit_record(job_id, restart, rank, rc, lines, **extra),
         )
+        if rank == 0 and self.checkpoint_dir is not None:
+            self._ledger(place.world_size, job_id, restart, place.hostname, rc, decision, paths)
         if rc == exit_codes.OK:
             return {"job_id": job_id, "restart_count": restart, "rank": rank}
         if rc in exit_codes.RESTARTABLE or rc == exit_codes.REFUSED:
@@ -133,6 +138,52 @@ class SlurmTask:
             f"command exited with {records.describe_exit(rc)} (job {job_id}, rank {rank}, "
             f"restart {restart})"
         )
+
+    def _ledger(
+        self,
+        world_size: int,
+        job_id: str,
+        restart: int,
+        host: str,
+        rc: int,
+        decision: CrashDecision | None,
+        paths: Any,
+    ) -> None:
+        """Rank 0: ``run_end`` for this run (the other ranks' codes where their exit records
+        are already there, else None), and ``restart`` when the job runs again."""
+        codes: list[int | None] = [None] * max(1, world_size)
+        codes[0] = rc
+        for rec in records.read_exit_records(paths.folder, job_id):
+            r = rec.get("rank")
+            if int(rec.get("restart", -1)) != restart or not isinstance(r, int):
+                continue
+            if 0 < r < len(codes):
+                if isinstance(rec.get("exit_code"), int):
+                    codes[r] = rec["exit_code"]
+                elif rec.get("signal") in signal.Signals.__members__:
+                    codes[r] = -int(signal.Signals[rec["signal"]])
+        reason = ledger.reason_of_code(rc)
+        if rc == exit_codes.OK:
+            outcome = "done"
+        elif rc in exit_codes.RESTARTABLE or (decision is not None and decision.restart):
+            outcome = "restart"
+        else:
+            outcome = "stop"
+        # rank 0 exited with an error itself (killed by a signal, it may be a peer's crash)
+        where = {"rank": 0, "node": host} if reason == ledger.CRASH and rc > 0 else {}
+        ledger.run_end(
+            self.checkpoint_dir,
+            job_id=job_id,
+            restart=restart,
+            exit_codes=codes,
+            outcome=outcome,
+            reason=reason,
+            **where,
+        )
+        if outcome == "restart":
+            ledger.restart(
+                self.checkpoint_dir, job_id=job_id, n=restart + 1, reason=reason, **where
+            )
 
     def _crash_policy(self, job_id: str, restart: int, step_before: int | None) -> CrashDecision:
         decision = crash_decision(
