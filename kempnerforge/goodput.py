@@ -116,7 +116,8 @@ class Run:
         return next((e for e in self.events if e["event"] == "first_step"), None)
 
     def times(self) -> list[float]:
-        ts = [float(e["t"]) for e in self.events]
+        # a ``reached`` event is written by the next run: it speaks of its step's time
+        ts = [float(e["step_t" if e["event"] == "reached" else "t"]) for e in self.events]
         for e in (self.launch, self.start, self.run_end):
             if e is not None:
                 ts.append(float(e["t"]))
@@ -280,6 +281,9 @@ def compute(events: list[dict[str, Any]], *, job_id: str | None = None) -> dict[
         begin_t = float(start_ev["t"]) if r.start else min(ts)
         if r.launch is not None:  # the launcher started the processes: start-up from there
             begin_t = min(begin_t, float(r.launch["t"]))
+        elif r.restart_event is not None and not _num(start_ev.get("start_time")):
+            # restarted by a launcher in place (no queue): the processes start at its restart
+            begin_t = min(begin_t, float(r.restart_event["t"]))
         slurm_start = start_ev.get("start_time")
         sub = start_ev.get("submit_time")
         begin = ms(begin_t)
