@@ -24,6 +24,7 @@ from kempnerforge.data.config import DataConfig
 from kempnerforge.distributed import DistributedConfig
 from kempnerforge.errors import ConfigError
 from kempnerforge.freeze import FreezeConfig
+from kempnerforge.metrics import MetricsConfig
 from kempnerforge.model import ModelConfig
 from kempnerforge.optim import OptimConfig
 from kempnerforge.resilience.config import ResilienceConfig
@@ -36,6 +37,7 @@ __all__ = [
     "DistributedConfig",
     "FreezeConfig",
     "JobConfig",
+    "MetricsConfig",
     "ModelConfig",
     "OptimConfig",
     "ResilienceConfig",
@@ -81,6 +83,7 @@ class JobConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
+    logging: MetricsConfig = field(default_factory=MetricsConfig)  # TensorBoard / W&B
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(self)
@@ -253,4 +256,6 @@ def load_config(
         cfg.output_dir = str(Path("runs") / name)
     if not cfg.checkpoint.dir:
         cfg.checkpoint.dir = str(Path(cfg.output_dir) / "checkpoints")
+    if not cfg.logging.dir:
+        cfg.logging.dir = cfg.output_dir
     return cfg

@@ -6,10 +6,13 @@ The loop reads top to bottom:
 2. model (deterministic init), optimizer, LR schedule, checkpoint manager, data loader;
 3. ``mgr.resume(scheduler, dataloader, freeze)``: the step, tokens and freeze list in force;
 4. steps: freeze transition (after ``flush_pending_save()``), forward/backward over
-   micro-batches, clip, AdamW, schedule, the mean loss for the metrics line;
+   micro-batches, clip, AdamW, schedule, the mean loss for the metrics line; the step's scalars
+   to ``metrics.jsonl`` and to TensorBoard / W&B (:mod:`kempnerforge.metrics`), flushed before
+   the step's checkpoint can commit;
 5. ``mgr.maybe_save(step, ...)``: saves on the interval, and on a stop signal agrees the stop
    step across ranks, saves it, makes it durable and requeues; the process then exits with
-   ``mgr.exit_code`` (75: run again). The final step is always saved.
+   ``mgr.exit_code`` (75: run again), after closing TensorBoard and W&B. The final step is
+   always saved.
 
 This is one user of the public calls, not a second implementation of them.
 Step numbers count completed optimizer steps, from 1. See docs/training.md.
@@ -45,6 +48,7 @@ from kempnerforge.freeze import (
     validate_freeze,
 )
 from kempnerforge.job import JobEnvironment
+from kempnerforge.metrics import MetricsLogger
 from kempnerforge.model import GPT, num_parameters
 from kempnerforge.optim import WarmupCosineSchedule, build_optimizer
 from kempnerforge.resilience.agree import mean_over_ranks
@@ -106,6 +110,65 @@ def open_metrics(path: Path) -> IO[str]:
 def fmt_eta(seconds: float) -> str:
     s = int(max(0.0, seconds))
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+@dataclass(frozen=True)
+class LastSave:
+    """The newest checkpoint of the run, for the progress line: ``at`` is None for the one this
+    run resumed from."""
+
+    step: int
+    at: float | None = None
+    blocked_s: float = 0.0
+
+    def text(self, now: float) -> str:
+        if self.at is None:
+            return f"last save step {self.step} (resumed)"
+        return f"last save step {self.step} {now - self.at:.0f}s ago, blocked {self.blocked_s:.3f}s"
+
+
+class GoodputLine:
+    """``goodput N%`` from the run ledger in the checkpoint dir (:mod:`kempnerforge.goodput`),
+    read at most every ``every_s`` (the ledger grows with the job). The ledger knows this run's
+    progress from its heartbeats, so the figure lags by up to one beat; empty until the first
+    beat, or while there is no ledger or it cannot be read."""
+
+    every_s = 30.0
+
+    def __init__(self, ckpt_dir: str) -> None:
+        self.dir = ckpt_dir
+        self._next = 0.0
+        self._text = ""
+
+    def text(self, now: float) -> str:
+        if now >= self._next:
+            self._next = now + self.every_s
+            try:
+                from kempnerforge import goodput, ledger
+
+                if Path(ledger.path(self.dir)).is_file():
+                    rep = goodput.report(self.dir)
+                    if rep["parts"]["productive_s"] > 0:
+                        self._text = f"goodput {100 * rep['goodput']:.1f}%"
+            except Exception as e:  # a report is never worth a failed run
+                logger.debug("goodput for the progress line: %r", e)
+        return self._text
+
+
+def open_scalars(cfg: JobConfig, rank: int, step: int) -> MetricsLogger:
+    """TensorBoard / W&B for this run (nothing when the run has no step left to log)."""
+    if step >= cfg.train.max_steps:
+        return MetricsLogger(cfg.logging.dir, resume_step=step, tensorboard=False, rank=rank)
+    return MetricsLogger.from_config(cfg.logging, resume_step=step, rank=rank, config=cfg.to_dict())
+
+
+def grad_norm_value(norm: torch.Tensor | None) -> float | None:
+    """The global gradient norm as a float. Every rank calls it: under FSDP the norm is a
+    DTensor whose ``full_tensor()`` may reduce across ranks."""
+    if norm is None:
+        return None
+    full = getattr(norm, "full_tensor", None)
+    return float((full() if callable(full) else norm).item())
 
 
 # --------------------------------------------------------------------------- the run
@@ -175,6 +238,11 @@ def _train(
         )
 
     metrics = cleanup.enter_context(open_metrics(out_dir / "metrics.jsonl")) if rank == 0 else None
+    scalars = open_scalars(cfg, rank, step)
+    cleanup.callback(scalars.close)  # before the process exits, os._exit included (main)
+    track_norm = cfg.logging.enabled  # config, not rank-local state: the norm may be collective
+    last_save = LastSave(step) if step > 0 else None
+    goodput_line = GoodputLine(cfg.checkpoint.dir)
     samples_log = None
     if cfg.data.log_samples:  # debug: which global samples this rank consumed, per step
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -195,6 +263,7 @@ def _train(
     t_start = time.perf_counter()
     t_log, step_log, first_step = t_start, step, step
     while step < max_steps:
+        t_step = time.perf_counter()
         want = effective_freeze(cfg.freeze, step)
         if canonical_freeze_meta(want) != canonical_freeze_meta(in_force):
             ckpt.flush_pending_save()  # the previous save records the old freeze list
@@ -217,10 +286,13 @@ def _train(
                 loss = model(x, y)
             (loss / len(micro)).backward()
             loss_sum += loss.detach()
-        if cfg.optim.grad_clip > 0:
+        norm = None
+        if cfg.optim.grad_clip > 0 or track_norm:
             grads = [p for p in raw.parameters() if p.grad is not None]
-            if grads:
-                torch.nn.utils.clip_grad_norm_(grads, cfg.optim.grad_clip)
+            if grads and cfg.optim.grad_clip > 0:
+                norm = torch.nn.utils.clip_grad_norm_(grads, cfg.optim.grad_clip)
+            elif grads:
+                norm = torch.nn.utils.get_total_norm([p.grad for p in grads])
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -232,6 +304,19 @@ def _train(
             os.kill(os.getpid(), getattr(signal, res.signals[0]))  # testing aid, see config
 
         loss_mean = mean_over_ranks(loss_sum / len(micro))
+        gnorm = grad_norm_value(norm) if track_norm else None
+        step_s = time.perf_counter() - t_step
+        scalars.log(
+            step,
+            loss=loss_mean,
+            lr=lr,
+            grad_norm=gnorm,
+            tokens_per_s=gbs * seq_len / max(step_s, 1e-9),
+            step_time_s=step_s,
+        )
+        # Every step, so the events of any step a save (interval, time, stop) may commit are
+        # in the file first: one small write, no fsync.
+        scalars.flush()
         if metrics is not None:
             metrics.write(
                 json.dumps({"step": step, "loss": loss_mean, "lr": lr, "tokens_seen": tokens_seen})
@@ -250,14 +335,16 @@ def _train(
             now = time.perf_counter()
             tps = (step - step_log) * gbs * seq_len / max(now - t_log, 1e-9)
             eta = (now - t_start) / max(step - first_step, 1) * (max_steps - step)
+            tail = [last_save.text(now) if last_save else "no save yet", goodput_line.text(now)]
             log.progress(
-                "step %d/%d | loss %.4f | lr %.3e | %.0f tok/s | ETA %s",
+                "step %d/%d | loss %.4f | lr %.3e | %.0f tok/s | ETA %s | %s",
                 step,
                 max_steps,
                 loss_mean,
                 lr,
                 tps,
                 fmt_eta(eta),
+                " | ".join(t for t in tail if t),
             )
             t_log, step_log = now, step
 
@@ -270,7 +357,12 @@ def _train(
         last = step == max_steps  # the final checkpoint is saved whatever the interval
         if last or step % cfg.checkpoint.interval == 0:
             durable_metrics()
-        if ckpt.maybe_save(step, **save_args, force=last):
+        stop = ckpt.maybe_save(step, **save_args, force=last)
+        if ckpt.has_saved(step):  # the save's own figure, at its step
+            blocked = ckpt.last_save_stats.blocked_s
+            scalars.log(step, save_blocked_s=blocked)
+            last_save = LastSave(step, time.perf_counter(), blocked)
+        if stop:
             logger.warning("stopped at step %d; exit code %d", step, ckpt.exit_code)
             return RunEnd(ckpt.exit_code, stopped=True)
 
