@@ -16,18 +16,32 @@ import logging
 import os
 import threading
 import weakref
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from kempnerforge.checkpoint.manager import CheckpointManager
+
+class Flushable(Protocol):
+    """What the exit hook needs of a manager (it never imports the manager)."""
+
+    config: Any
+
+    @property
+    def checkpointer(self) -> Any: ...
+
+    @property
+    def inflight_step(self) -> int | None: ...
+
+    def wait(self) -> None: ...
+
+    def close(self) -> None: ...
+
 
 logger = logging.getLogger(__name__)
 
-_LIVE: weakref.WeakSet[CheckpointManager] = weakref.WeakSet()
+_LIVE: weakref.WeakSet[Flushable] = weakref.WeakSet()
 _OWNER_PID = os.getpid()
 
 
-def track(mgr: CheckpointManager) -> None:
+def track(mgr: Flushable) -> None:
     """Finish ``mgr``'s in-flight save at exit (as long as ``mgr`` is alive)."""
     _LIVE.add(mgr)
 
@@ -45,7 +59,7 @@ def _flush_all_at_exit() -> None:
         flush_at_exit(mgr)
 
 
-def flush_at_exit(mgr: CheckpointManager) -> None:
+def flush_at_exit(mgr: Flushable) -> None:
     """An async save still running when the interpreter exits: finish it, or say so.
 
     A save that already ended is not "in flight": its failure, if nobody waited for it, is
