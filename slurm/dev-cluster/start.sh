@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Start a one-host SLURM cluster: munged, slurmctld and 4 slurmd "nodes" n1..n4 on loopback.
+# Start a one-host SLURM cluster: munged, slurmctld and 10 slurmd "nodes" n1..n10 on loopback:
+# n1..n4 (partition debug, the default) share their CPUs among many jobs; n5..n10 (partition
+# isolated) are for jobs that need their nodes to themselves (a node set DOWN, a preemption).
 #
 # Why: the launcher, the sbatch templates and the self-requeue are tested against a real SLURM,
 # not a mock. This script makes one on a bare Debian/Ubuntu machine (root, apt) in seconds.
@@ -8,9 +10,10 @@
 #          eval "$(slurm/dev-cluster/start.sh --quiet)"   # same, exported in this shell
 # State:   $KF_SLURM_DEV_DIR (default: <repo>/.slurm-dev/): conf, munge key, logs, pid files.
 # Stop:    slurm/dev-cluster/stop.sh [--wipe]
-# Env:     KF_SLURM_DEV_CPUS (CPUs each node advertises, default 2),
+# Env:     KF_SLURM_DEV_CPUS (CPUs each of n1..n4 advertises, default 8: how many jobs share
+#          them; the host's cores are shared by all jobs whatever the count),
 #          KF_SLURM_DEV_GPUS (pretend GPUs per node, a count only, default 2),
-#          KF_SLURM_DEV_PORT (slurmctld port, default 6817; nodes use PORT+10183.. = 17000+i).
+#          KF_SLURM_DEV_PORT (slurmctld port, default 6817; node i uses PORT+10183+i = 17000+i).
 #
 # Idempotent: daemons already running (by their pid files) are left alone; missing ones start.
 # Node names resolve to 127.0.0.1 only inside the daemons' private mount namespace (a bind-mounted
@@ -25,12 +28,15 @@ die() { echo "[dev-cluster] ERROR: $*" >&2; exit 1; }
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$HERE/../.." && pwd)"
 DIR="${KF_SLURM_DEV_DIR:-$REPO/.slurm-dev}"
-CPUS="${KF_SLURM_DEV_CPUS:-2}"
+CPUS="${KF_SLURM_DEV_CPUS:-8}"
 GPUS="${KF_SLURM_DEV_GPUS:-2}"   # pretend GPUs per node (a count only)
 CTLD_PORT="${KF_SLURM_DEV_PORT:-6817}"
-NODES=(n1 n2 n3 n4)
+NODES=(n1 n2 n3 n4 n5 n6 n7 n8 n9 n10)
+N_SHARED=4                          # n1..n4: partition debug; the rest: partition isolated
 NODE_PORT0=$((CTLD_PORT + 10184))   # 17001 for the default port
-NODE_PORTS="${NODE_PORT0}-$((NODE_PORT0 + ${#NODES[@]} - 1))"
+SHARED_PORTS="${NODE_PORT0}-$((NODE_PORT0 + N_SHARED - 1))"
+ISOLATED_PORTS="$((NODE_PORT0 + N_SHARED))-$((NODE_PORT0 + ${#NODES[@]} - 1))"
+MEMORY=$((CPUS * 500 > 4000 ? CPUS * 500 : 4000))   # DefMemPerCPU=500 for every CPU
 T0=$(date +%s%N)
 
 [[ $(id -u) == 0 ]] || die "must run as root (slurmd runs jobs as root here; apt installs packages)"
@@ -71,7 +77,8 @@ fi
 
 # ---------------------------------------------------------------- slurm.conf
 sed -e "s|@DIR@|$DIR|g" -e "s|@MUNGE_SOCKET@|$SOCK|g" -e "s|@CTLD_PORT@|$CTLD_PORT|g" \
-    -e "s|@NODE_PORTS@|$NODE_PORTS|g" -e "s|@CPUS@|$CPUS|g" -e "s|@GPUS@|$GPUS|g" \
+    -e "s|@SHARED_PORTS@|$SHARED_PORTS|g" -e "s|@ISOLATED_PORTS@|$ISOLATED_PORTS|g" \
+    -e "s|@CPUS@|$CPUS|g" -e "s|@MEMORY@|$MEMORY|g" -e "s|@GPUS@|$GPUS|g" \
     "$HERE/slurm.conf.in" >"$CONF.new"
 # slurmd drops GPUs without device files: empty placeholder files stand in for /dev/nvidiaN.
 mkdir -p "$DIR/fake-gpu"
@@ -87,8 +94,8 @@ mv "$CONF.new" "$CONF"
 export SLURM_CONF="$CONF"
 
 # ---------------------------------------------------------------- daemons
-# A private hosts file in which n1..n4 resolve to loopback, mounted over /etc/hosts only in the
-# daemons' own mount namespace; jobs inherit it from slurmd.
+# A private hosts file in which the node names resolve to loopback, mounted over /etc/hosts only
+# in the daemons' own mount namespace; jobs inherit it from slurmd.
 HOSTS="$DIR/hosts"
 { grep -v -E "\s(${NODES[*]// /|})(\s|$)" /etc/hosts || true; echo "127.0.0.1 ${NODES[*]}"; } >"$HOSTS"
 
@@ -108,7 +115,7 @@ fi
 
 # ---------------------------------------------------------------- wait until idle
 for _ in $(seq 1 150); do
-    states="$(sinfo -h -N -p debug -o '%N %T' 2>/dev/null | sort -u || true)"
+    states="$(sinfo -h -N -o '%N %T' 2>/dev/null | sort -u || true)"
     idle=$(grep -c -E ' (idle|allocated|mixed|completing)' <<<"$states" || true)
     [[ "$idle" -ge ${#NODES[@]} ]] && break
     # A node left DOWN/DRAIN by an earlier unclean stop comes back with this.

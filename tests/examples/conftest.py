@@ -1,4 +1,4 @@
-"""The examples' tests reuse the SLURM dev cluster fixture of tests/slurm."""
+"""The examples' tests reuse the SLURM dev cluster and the case campaign of tests/slurm."""
 
 from __future__ import annotations
 
@@ -14,3 +14,5 @@ _mod = importlib.util.module_from_spec(_spec)
 sys.modules["slurm_conftest"] = _mod
 _spec.loader.exec_module(_mod)
 slurm_cluster = _mod.slurm_cluster
+campaign = _mod.campaign
+pytest_configure = _mod.pytest_configure

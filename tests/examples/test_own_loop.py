@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from _cases import Place, case  # tests/slurm, on the path through this directory's conftest
+from _slurm_tools import job_info, run, signal_job, wait_final, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "own_loop.py"
@@ -99,28 +101,33 @@ def test_local_launcher_two_preemptions_bit_exact(tmp_path: Path, nproc: int) ->
     assert_same_run(tmp_path / "pre", tmp_path / "ref", steps)
 
 
-@pytest.mark.slurm
-def test_slurm_preempted_with_scancel_usr1_bit_exact(slurm_cluster, tmp_path: Path) -> None:
-    from _slurm_tools import job_info, run, signal_job, wait_final, wait_until
-
-    ref = tmp_path / "ref"
-    _local(ref, 2, [])
-    out = tmp_path / "pre"
+@case("own-loop-usr1")
+def _slurm_case(place: Place) -> tuple[str, dict[str, str], Path]:
+    """Submitted to 2 nodes, USR1 after 6 steps; the local reference runs while the job does.
+    A case of the SLURM campaign (tests/slurm/_cases.py), run at once with the others."""
+    out = place.dir / "pre"
     out.mkdir()
     res = run(
         [sys.executable, SUBMIT, "--slurm", "--nodes", "2", "--tasks-per-node", "1",
-         "--job-name", "kftest-own", "--folder", tmp_path / "slurm", "--",
+         "--job-name", "kftest-own", "--folder", place.dir / "slurm", "--",
          sys.executable, EXAMPLE, "--out", out],
         cwd=REPO,
     )  # fmt: skip
     assert res.returncode == 0, res.stdout + res.stderr
     job = re.search(r"Submitted job (\d+)", res.stdout).group(1)
-    wait_until("6 steps", lambda: len(_losses(out)) >= 6, 240, job)
+    wait_until("6 steps", lambda: len(_losses(out)) >= 6, 300, job)
     signal_job(job, "USR1")
-    info = wait_final(job, 400)
+    _local(place.dir / "ref", 2, [])
+    return job, wait_final(job, 400), place.dir
+
+
+@pytest.mark.slurm
+@pytest.mark.slurm_case("own-loop-usr1")
+def test_slurm_preempted_with_scancel_usr1_bit_exact(campaign) -> None:
+    job, info, d = campaign.outcome("own-loop-usr1")
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", job_info(job)
-    assert_same_run(out, ref, STEPS[2])
-    log = (tmp_path / "slurm" / f"{job}_0_log.out").read_text()
+    assert_same_run(d / "pre", d / "ref", STEPS[2])
+    log = (d / "slurm" / f"{job}_0_log.out").read_text()
     assert "kempnerforge stop: reason=preemption-signal signal=SIGUSR1" in log
-    st = run([sys.executable, SUBMIT, "--status", job, "--folder", tmp_path / "slurm"])
+    st = run([sys.executable, SUBMIT, "--status", job, "--folder", d / "slurm"])
     assert "reason:         completed" in st.stdout, st.stdout

@@ -1,89 +1,99 @@
-"""A real SLURM cluster for the tests: slurm/dev-cluster/start.sh, once per session.
+"""A real SLURM cluster for the tests (slurm/dev-cluster/start.sh, once per session), and the
+campaign that runs the independent SLURM cases at once (:mod:`_cases`).
 
-The cluster is the project's own one-host dev cluster (munged, slurmctld, slurmd n1..n4 on
+The cluster is the project's own one-host dev cluster (munged, slurmctld, slurmd n1..n10 on
 loopback). Tests that need it skip only when it cannot be started here: not root, or neither the
-SLURM daemons nor apt-get to install them. A cluster that was already running is reused and left
-running; one that this session started is stopped at the end.
+SLURM daemons nor apt-get to install them.
+
+The SLURM tier (this directory's tests, and every test marked ``slurm_case`` elsewhere) runs as
+one block, at the place of its first test: the campaign of cases starts with the block's first
+test, the tests that read no case run while the cases' jobs do, and the tests that read one come
+last. Nothing outside the tier shares the machine with the cases' jobs.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-from dataclasses import dataclass
+import contextlib
 from pathlib import Path
 
 import pytest
-from _slurm_tools import JOB_PREFIX, REPO, reference_losses
+from _cases import Campaign, current, start_once
+from _cluster import Cluster, start, stop, why_not
+from _slurm_tools import reference_losses
 
-START = REPO / "slurm" / "dev-cluster" / "start.sh"
-STOP = REPO / "slurm" / "dev-cluster" / "stop.sh"
-
-
-@dataclass
-class Cluster:
-    conf: str
-    state_dir: Path
+MARK = "slurm_case"
+HERE = Path(__file__).resolve().parent
 
 
-def _why_not() -> str | None:
-    if os.geteuid() != 0:
-        return "the SLURM dev cluster needs root (slurmd runs the jobs; apt installs SLURM)"
-    have = all(shutil.which(b) for b in ("slurmctld", "slurmd", "sbatch", "munged"))
-    if not have and shutil.which("apt-get") is None:
-        return "SLURM is not installed and there is no apt-get to install it"
-    if shutil.which("unshare") is None:
-        return "unshare (util-linux) is missing"
-    return None
-
-
-def _alive(pidfile: Path) -> bool:
-    try:
-        os.kill(int(pidfile.read_text().strip()), 0)
-        return True
-    except (OSError, ValueError):
-        return False
-
-
-def _cancel_test_jobs() -> None:
-    res = subprocess.run(
-        ["squeue", "-h", "-o", "%i %j"], capture_output=True, text=True, timeout=30
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", f"{MARK}(name): reads the outcome of SLURM case `name` (tests/slurm/_cases.py)"
     )
-    ids = [
-        ln.split()[0]
-        for ln in res.stdout.splitlines()
-        if ln.split()[1:2] and ln.split()[1].startswith(JOB_PREFIX)
+
+
+def _reads_a_case(item: pytest.Item) -> bool:
+    return item.get_closest_marker(MARK) is not None
+
+
+def _in_tier(item: pytest.Item) -> bool:
+    return _reads_a_case(item) or Path(str(item.path)).is_relative_to(HERE)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    first = next((i for i, it in enumerate(items) if _in_tier(it)), None)
+    if first is None:
+        return
+    tier = [it for it in items if _in_tier(it)]
+    block = [it for it in tier if not _reads_a_case(it)] + [it for it in tier if _reads_a_case(it)]
+    items[:] = [
+        *[it for it in items[:first]],
+        *block,
+        *[it for it in items[first:] if not _in_tier(it)],
     ]
-    if ids:
-        subprocess.run(["scancel", "--full", *ids], capture_output=True, timeout=30)
+
+
+def _case_names(items: list[pytest.Item]) -> set[str]:
+    names = set()
+    for it in items:
+        params = getattr(getattr(it, "callspec", None), "params", {})
+        for mark in it.iter_markers(MARK):
+            names.add(mark.args[0].format(**params))
+    return names
 
 
 @pytest.fixture(scope="session")
 def slurm_cluster():
-    reason = _why_not()
+    reason = why_not()
     if reason:
         pytest.skip(reason)
-    state_dir = Path(os.environ.get("KF_SLURM_DEV_DIR") or REPO / ".slurm-dev")
-    was_running = _alive(state_dir / "run" / "slurmctld.pid")
-    res = subprocess.run([str(START), "--quiet"], capture_output=True, text=True, timeout=600)
-    if res.returncode != 0:
-        pytest.fail(f"slurm/dev-cluster/start.sh failed ({res.returncode}):\n{res.stderr}")
-    line = [ln for ln in res.stdout.splitlines() if ln.startswith("export SLURM_CONF=")][-1]
-    conf = line.split("=", 1)[1]
-    old = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = conf
-    _cancel_test_jobs()
     try:
-        yield Cluster(conf, state_dir)
+        cluster = start()
+    except RuntimeError as e:
+        pytest.fail(str(e))
+    try:
+        yield cluster
     finally:
-        _cancel_test_jobs()
-        if not was_running:
-            subprocess.run([str(STOP)], capture_output=True, timeout=120)
-        if old is None:
-            os.environ.pop("SLURM_CONF", None)
-        else:
-            os.environ["SLURM_CONF"] = old
+        stop()
+
+
+@pytest.fixture(scope="session")
+def campaign(request, slurm_cluster: Cluster, tmp_path_factory) -> Campaign:
+    """Every case the selected tests read, started at once (once per session)."""
+    found = current()
+    if found is not None:
+        return found
+    names = _case_names(request.session.items)
+    return start_once(tmp_path_factory.mktemp("cases"), names, slurm_cluster.isolated_pairs())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cases_in_background(request) -> None:
+    """The campaign starts with the first test of this directory when any selected test reads a
+    case, so that the tests reading none run while the cases' jobs do. A cluster that fails to
+    start fails the tests that need it, when they ask for it, not this directory's others."""
+    if _case_names(request.session.items) and why_not() is None:
+        with contextlib.suppress(Exception, pytest.fail.Exception):
+            request.getfixturevalue("campaign")
 
 
 @pytest.fixture(scope="session")
@@ -91,3 +101,11 @@ def reference(tmp_path_factory) -> dict[int, float]:
     """Losses of the uninterrupted tiny job (2 ranks, local launcher), by step."""
     out = tmp_path_factory.mktemp("reference") / "run"
     return reference_losses(out)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    found = current()
+    if found is not None:
+        terminalreporter.write_sep("-", "SLURM cases (seconds since the first was started)")
+        for line in found.timeline():
+            terminalreporter.write_line(line)
