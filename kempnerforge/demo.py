@@ -28,6 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = [sys.executable, "-m", "kempnerforge.launch"]
 START = REPO / "slurm" / "dev-cluster" / "start.sh"
+STOP = REPO / "slurm" / "dev-cluster" / "stop.sh"
 
 
 def say(msg: str) -> None:
@@ -218,6 +219,27 @@ def plot(ref: list[dict], got: list[dict], stop: int | None, path: Path, title: 
     plt.close(fig)
 
 
+def _leave_dev_cluster(keep: bool) -> None:
+    """Stop the dev cluster this demo started (its six daemons), or say how to."""
+    if keep:
+        say(f"the dev cluster keeps running (--keep-cluster); stop it with: {STOP}")
+        return
+    res = subprocess.run([str(STOP)], capture_output=True, text=True, timeout=120)
+    if res.returncode == 0:
+        say("dev cluster stopped (the demo started it; --keep-cluster leaves it running)")
+    else:
+        say(f"stopping the dev cluster failed ({res.stderr.strip()[-200:]}); run: {STOP}")
+
+
+def _print_report(checkpoints: Path) -> None:
+    from kempnerforge import goodput
+
+    try:
+        print(goodput.text(goodput.report(checkpoints)), flush=True)
+    except Exception as e:  # the verdict below matters more than the report
+        say(f"no report ({e}); run: kempnerforge report {checkpoints}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m kempnerforge.demo", description=__doc__.split("\n")[0]
@@ -228,6 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--local", action="store_true", help="skip SLURM even if it is reachable")
     p.add_argument("--no-dev-cluster", action="store_true", help="never start the dev cluster")
+    p.add_argument(
+        "--keep-cluster",
+        action="store_true",
+        help="leave a dev cluster the demo started running (it says how to stop it)",
+    )
     args = p.parse_args(argv)
     if not 0 < args.preempt_after < args.steps - 2:
         p.error("--preempt-after must be between 1 and --steps - 3")
@@ -238,11 +265,15 @@ def main(argv: list[str] | None = None) -> int:
     mode = None if args.local else find_slurm(not args.no_dev_cluster)
     say(f"mode: {mode or 'local (no SLURM)'}")
     t0 = time.time()
-    run_reference(args, out / "reference")
-    if mode:
-        run_preempted_slurm(args, out / "preempted")
-    else:
-        run_preempted_local(args, out / "preempted")
+    try:
+        run_reference(args, out / "reference")
+        if mode:
+            run_preempted_slurm(args, out / "preempted")
+        else:
+            run_preempted_local(args, out / "preempted")
+    finally:
+        if mode == "dev-cluster":
+            _leave_dev_cluster(args.keep_cluster)
     ref = read_metrics(out / "reference" / "metrics.jsonl")
     got = read_metrics(out / "preempted" / "metrics.jsonl")
     want = {r["step"]: r["loss"] for r in ref}
@@ -256,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     where = "SLURM" if mode else "local launcher"
     say(f"3/3 comparing {len(got)} logged steps with the reference; plot -> {png}")
     plot(ref, got, stop, png, f"KempnerForge demo ({where}): bit-exact resume = {exact}")
-    say(f"done in {time.time() - t0:.0f}s")
+    say(f"done in {time.time() - t0:.0f}s; what the preemption cost, from the run ledger:")
+    _print_report(out / "preempted" / "checkpoints")
     print(
         f"resumed at step {stop if stop is not None else '?'}, bit-exact with the uninterrupted "
         f"run: {'yes' if exact else 'no'}",

@@ -221,7 +221,7 @@ class _HeldLock:
 
 
 _registry: dict[str, _HeldLock] = {}
-_registry_mutex = threading.Lock()
+_registry_mutex = threading.RLock()  # a GC finalizer may release inside an acquire
 _warned_no_flock = False
 
 
@@ -233,7 +233,7 @@ def _forget_in_child() -> None:
     as a member). The mutex is new: another thread of the parent may have held it at fork.
     """
     global _registry_mutex
-    _registry_mutex = threading.Lock()
+    _registry_mutex = threading.RLock()
     for held in _registry.values():
         held.drop_inherited()
     _registry.clear()

@@ -12,6 +12,7 @@ driver saw.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -98,6 +99,18 @@ def test_submit_preempted_twice_bit_exact(campaign, reference):
     dry = run([PYTHON, SUBMIT, *r.args, "--dry-run"])
     assert dry.returncode == 0, dry.stderr
     assert dry.stdout == (r.dir / "slurm" / f"{r.job}_submission.sh").read_text()
+
+    # The run ledger, read by job id: three runs, two preemptions, and the time each requeued
+    # run waited in the queue, from the controller's SubmitTime/StartTime of each run.
+    got = run([PYTHON, "-m", "kempnerforge.cli", "report", r.job, "--folder", r.dir / "slurm",
+               "--json"])  # fmt: skip
+    assert got.returncode == 0, got.stderr
+    rep = json.loads(got.stdout)
+    assert [x["restart"] for x in rep["runs"]] == [0, 1, 2], rep["runs"]
+    assert rep["faults"]["preemption"]["count"] == 2, rep["faults"]
+    assert rep["runs"][1]["parts"].get("queue_wait_s", 0) > 0, rep["runs"][1]
+    assert rep["queue_wait_s"] > 0
+    assert abs(sum(rep["parts"].values()) - rep["wall_s"]) <= 0.01 * rep["wall_s"]
 
     st = run([PYTHON, SUBMIT, "--status", r.job])
     assert st.returncode == 0, st.stderr

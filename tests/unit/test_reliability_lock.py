@@ -228,3 +228,25 @@ def test_lock_inherited_by_an_orphan_is_taken_over(tmp_path: Path) -> None:
         lk.release()
     finally:
         os.kill(orphan, signal.SIGKILL)
+
+
+def test_a_release_from_a_finalizer_inside_an_acquire_does_not_deadlock(tmp_path: Path) -> None:
+    """A manager dropped without close() releases its lock from a GC finalizer, which can run
+    in the middle of another acquire (any allocation may collect): the registry's mutex must
+    let the same thread in again."""
+    import threading
+
+    from kempnerforge.checkpoint import lock as lock_mod
+
+    first = lock_mod.acquire_job_lock(tmp_path / "a", job_id="job-a")
+    done = threading.Event()
+
+    def acquire_while_finalizing() -> None:
+        with lock_mod._registry_mutex:  # what acquire_job_lock holds while it works
+            first.release()  # what the finalizer of a dropped manager does
+        done.set()
+
+    t = threading.Thread(target=acquire_while_finalizing, daemon=True)
+    t.start()
+    t.join(timeout=10)
+    assert done.is_set(), "release inside an acquire deadlocked"
