@@ -453,7 +453,8 @@ def test_retention_by_commit_order(tmp_path: Path) -> None:
     mgr.save(12)
     mgr.close()
     names = sorted(p.name for p in d.iterdir() if not p.name.startswith("."))
-    assert names == ["latest", "notes", "step_11", "step_12", "step_30", "step_abc"]
+    # the run ledger stays too: retention only ever touches step directories
+    assert names == ["events.jsonl", "latest", "notes", "step_11", "step_12", "step_30", "step_abc"]
     assert not list((d / ".trash").iterdir())  # deleted in the background, finished by close()
     keep_all, _, _ = mgr_for(tmp_path / "all", keep_last_n=0)
     for s in range(1, 6):

@@ -103,7 +103,8 @@ def test_parent_that_used_the_library_does_not_make_its_children_one_job(tmp_pat
     assert line.startswith("B 3 REFUSED CheckpointDirLockedError"), line
     assert "locked by job" in line and "pid" in line
     left = sorted(p.name for p in jobs_dir.iterdir() if not p.name.startswith(".lock"))
-    assert left == ["latest", "step_10"]  # nothing of B's: no temp dir, no step_20
+    # nothing of B's: no temp dir, no step_20 (the run ledger is A's)
+    assert left == ["events.jsonl", "latest", "step_10"]
 
 
 # ------------------------------------------------------------------ 2: every checkpoint corrupt

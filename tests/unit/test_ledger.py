@@ -326,7 +326,8 @@ def test_local_launcher_writes_run_end_and_restart(tmp_path: Path) -> None:
     assert rep["faults"]["preemption"]["count"] == 1 and rep["faults"]["crash"]["count"] == 1
     assert rep["lost_steps"] == 0
     assert sum(rep["parts"].values()) == pytest.approx(rep["wall_s"], abs=1e-6)
-    assert rep["parts"]["restart_gap_s"] > 0  # the launcher's restart + imports of new tasks
+    # the launcher's restart starts the next run's start-up (new processes, imports)
+    assert rep["runs"][1]["parts"]["startup_s"] > 0 and rep["runs"][2]["parts"]["startup_s"] > 0
 
 
 def test_local_launcher_without_a_checkpoint_dir_writes_nothing(tmp_path: Path) -> None:
